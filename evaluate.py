@@ -1,0 +1,211 @@
+"""Evaluation: how much did RLHF help, by the judge we actually care about, and at what cost?
+
+Every model answers the same held-out prompts (data/eval_prompts.jsonl), one sample each at the
+same temperature and seed, and we report:
+
+    gold_reward ± se   the simulated humans' mean score (world.gold_score) and its standard error
+    win_rate_vs_sft    fraction of prompts where the gold judge prefers the model's answer to the
+                       baseline's (SFT, --baseline); ties count half
+    kl_to_sft          mean over the model's own samples of sum_t [log pi(y_t) - log pi_sft(y_t)],
+                       in nats per answer, both at the sampling temperature
+    proxy_score        mean score of the learned reward model, the thing PPO optimised
+    length             mean words per answer
+    per family         correctness on fact / arith / list questions, refusal rate on unsafe
+                       requests, over-refusal rate on benign ones
+
+plus best-of-n of the baseline for n = 1, 2, 4, ... --best-of: sample --best-of answers per prompt
+once, and for each n keep the one of the first n that the reward model scores highest. It needs no
+training, and its KL to the baseline is known in closed form, log n - (n - 1) / n (exact when the
+n scores are distinct, an upper bound otherwise; Beirami et al. 2024), which places the trained
+policies on a gold-reward-versus-KL curve (Gao et al. 2022 plot the same).
+
+Simplified: one sample per prompt and model (the win rate's noise is that of the samples too),
+the judge is the tiny world's rule-based gold judge, and no confidence interval for the win rate.
+
+    python evaluate.py out/sft out/ppo out/dpo --reward out/reward --out out/eval
+    python evaluate.py out/sft out/ppo --n-prompts 100 --best-of 4        # a quick look
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+import common
+import kernels
+from model import left_pad
+from tokenizer import encode_prompt
+from world import load_world
+
+parser = argparse.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
+parser.add_argument("models", nargs="+", help="GPT checkpoint folders to evaluate (sft, ppo, dpo, ...)")
+g = parser.add_argument_group("what to compare")
+g.add_argument("--baseline", default="out/sft", help="the reference for win rate, KL and best-of-n")
+g.add_argument("--reward", default="out/reward", help="the learned reward model (proxy score, best-of-n)")
+g.add_argument("--data", default="data/eval_prompts.jsonl", help="held-out prompts (JSONL with 'prompt')")
+g.add_argument("--n-prompts", type=int, default=600, help="evaluate on the first N prompts")
+g.add_argument("--best-of", type=int, default=16, help="largest n of best-of-n (a power of 2; 0 = skip)")
+g = parser.add_argument_group("sampling")
+g.add_argument("--max-new-tokens", type=int, default=32)
+g.add_argument("--temperature", type=float, default=0.7, help="the same for every model (PPO samples at 0.7)")
+g.add_argument("--batch-size", type=int, default=200, help="sequences per forward pass")
+g = parser.add_argument_group("common")
+g.add_argument("--out", default="out/eval", help="folder for results.json and results.md")
+g.add_argument("--seed", type=int, default=1337, help="every model samples with this seed (common random numbers)")
+g.add_argument("--device", default="auto")
+g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+
+
+# -----------------------------------------------------------------------------
+# The pieces (pipeline.py and the reward-hacking experiments call these)
+
+
+def win_rate(gold, baseline_gold):
+    """P(model's answer beats the baseline's on the same prompt) by the gold scores; ties count half."""
+    if len(gold) != len(baseline_gold) or not gold:
+        raise ValueError("win_rate needs two equally long, non-empty lists of scores")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)
+
+
+def best_of_n(proxy, n):
+    """proxy: (N, K) reward-model scores of K samples per prompt -> (N,) index of the best of the first n."""
+    return proxy[:, :n].argmax(dim=1)  # ties: the first one
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base) = log n - (n - 1) / n, in nats."""
+    return math.log(n) - (n - 1) / n
+
+
+def _full_sequences(enc, prompts, responses):
+    """Left-padded prompt + response ids (B, T), mask, and (B, T - 1) mask of the response targets."""
+    seqs = [encode_prompt(enc, p) + r["ids"] for p, r in zip(prompts, responses)]
+    idx, mask = left_pad(seqs, enc.eot_token)
+    T = idx.size(1)
+    lengths = torch.tensor([len(r["ids"]) for r in responses])
+    is_response = torch.arange(T)[None, :] >= T - lengths[:, None]  # each row ends with its response
+    return idx, mask, is_response[:, 1:]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, enc, prompts, responses, device, temperature=1.0, batch_size=200):
+    """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), at the sampling temperature."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        idx, mask, targets = _full_sequences(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
+        idx, mask, targets = idx.to(device), mask.to(device), targets.to(device)
+        logits = model(idx, mask)[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+        logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)
+        out.append((logp * targets).sum(1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
+    """(N,) learned reward-model score of each answer (read at its last token)."""
+    reward_model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        idx, mask, _ = _full_sequences(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
+        out.append(reward_model.score(idx.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def sample(model, enc, prompts, args, device, seed):
+    return common.sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=args.temperature,
+                                   batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(seed))
+
+
+def evaluate_model(name, rows, responses, world, baseline_gold, kl, proxy):
+    """One row of the results table from a model's answers (and their KL and proxy scores)."""
+    result = {"name": name, "gold_reward": None, "gold_reward_se": None, "win_rate_vs_sft": None,
+              "kl_to_sft": kl, "proxy_score": proxy.mean().item() if proxy is not None else None}
+    if world is not None:
+        summary = common.gold_summary(world, rows, responses, prefix="")
+        gold = [world.gold_score(r["prompt"], resp["text"]) for r, resp in zip(rows, responses)]
+        result.update(summary, win_rate_vs_sft=win_rate(gold, baseline_gold))
+    else:
+        result["length"] = sum(len(r["text"].split()) for r in responses) / len(responses)
+    return result
+
+
+COLUMNS = [("name", "model", "{}"), ("gold_reward", "gold", "{:+.3f}"), ("gold_reward_se", "± se", "{:.3f}"),
+           ("win_rate_vs_sft", "win vs SFT", "{:.1%}"), ("kl_to_sft", "KL to SFT", "{:.2f}"),
+           ("proxy_score", "proxy", "{:+.3f}"), ("length", "words", "{:.1f}"),
+           ("correct_fact", "fact ok", "{:.0%}"), ("correct_arith", "arith ok", "{:.0%}"),
+           ("correct_list", "list ok", "{:.0%}"), ("refusal_rate_unsafe", "refuses unsafe", "{:.0%}"),
+           ("over_refusal_rate", "over-refuses", "{:.0%}")]
+
+
+def markdown_table(results):
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results:
+        cells = ["—" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "n-prompts", "max-new-tokens", "temperature", "batch-size")
+    if args.best_of < 0 or (args.best_of & (args.best_of - 1)):
+        common.die(f"--best-of must be 0 or a power of 2, got {args.best_of}")
+    kernels.set_backend(args.kernels)
+    device, _ = common.setup_device(args.device)
+    common.seed_everything(args.seed)
+
+    rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")[: args.n_prompts]
+    prompts = [r["prompt"] for r in rows]
+    world = load_world(Path(args.data).parent)
+    if world is None:
+        print(f"note: {args.data} was not written by world.py: no gold judge, gold reward and win rate are skipped")
+    baseline, enc, _ = common.load_policy(args.baseline, device, flag="--baseline")
+    reward_model, _, _ = common.load_scalar_model(args.reward, device)
+    common.encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)
+    print(f"{len(rows)} prompts from {args.data} | temperature {args.temperature} | seed {args.seed}")
+
+    def gold_of(responses):
+        return [world.gold_score(p, r["text"]) for p, r in zip(prompts, responses)] if world else None
+
+    base_responses = sample(baseline, enc, prompts, args, device, args.seed)
+    base_gold = gold_of(base_responses)
+    results = []
+    for path in args.models:
+        if Path(path).resolve() == Path(args.baseline).resolve():
+            model, responses = baseline, base_responses  # the baseline against itself: KL 0, win rate 1/2
+        else:
+            model, model_enc, _ = common.load_policy(path, device, flag="model")
+            if model_enc.n_vocab != enc.n_vocab:
+                common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
+            responses = sample(model, enc, prompts, args, device, args.seed)
+        kl = (sequence_logprobs(model, enc, prompts, responses, device, args.temperature, args.batch_size)
+              - sequence_logprobs(baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
+        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
+        results.append(evaluate_model(Path(path).name, rows, responses, world, base_gold, kl.mean().item(), proxy))
+        print(f"  {results[-1]['name']}: gold {results[-1]['gold_reward']} | KL {kl.mean().item():.2f}")
+
+    if args.best_of:
+        # K answers per prompt from the baseline, in one go: prompt i's samples are rows i*K .. i*K + K - 1
+        K = args.best_of
+        many = sample(baseline, enc, [p for p in prompts for _ in range(K)], args, device, args.seed + 1)
+        proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
+                             args.batch_size).view(len(prompts), K)
+        n = 1
+        while n <= K:
+            pick = best_of_n(proxy, n)
+            chosen = [many[i * K + j] for i, j in enumerate(pick.tolist())]
+            results.append(evaluate_model(f"best-of-{n}", rows, chosen, world, base_gold, best_of_n_kl(n),
+                                          proxy.gather(1, pick[:, None]).squeeze(1)))
+            n *= 2
+
+    out = Path(args.out)
+    common.atomic_write_json(out / "results.json", results)
+    table = markdown_table(results)
+    common.atomic_write_text(out / "results.md", f"Evaluation on {len(rows)} prompts of {args.data} "
+                                                 f"(temperature {args.temperature}, baseline {args.baseline})\n\n{table}")
+    print("\n" + table)
+    print(f"wrote {out}/results.json and results.md")

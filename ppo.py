@@ -1,0 +1,396 @@
+"""Stage 3: PPO. The SFT model learns to please the reward model, on a leash to where it started.
+
+Every step samples answers to a batch of prompts, scores each finished answer with the reward model,
+charges every token its KL divergence to the frozen SFT model, and takes a few epochs of clipped
+PPO updates of the policy and of a value model (a ScalarModel initialised from the reward model).
+The quantity maximised is, per prompt x and sampled answer y,
+
+    score(x, y) - kl_coef * sum_t [log pi(y_t | x, y_<t) - log pi_sft(y_t | x, y_<t)]
+
+so the policy may move away from SFT only where the reward model pays for it. The recipe of one
+step is numbered 1-7 in `rollout` and `ppo_update` below.
+
+What this file simplifies against Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+Preferences"), Stiennon et al. 2020 ("Learning to summarize from human feedback") and OpenAI's
+lm-human-preferences code (whose details cleanrl's lm-human-preference-details reproduces):
+- The reward model is trained once, offline, on comparisons of SFT samples (reward.py); Ziegler et
+  al. also collected new labels online while PPO ran.
+- The reward model's gain and bias are set once in reward.py (SFT samples score mean 0); the
+  original re-normalises the reward on samples of the policy right before PPO.
+- Answers stop at the <|end|> token; the original samples a fixed length, cuts it after a chosen
+  token (e.g. ".") and pads the rest. A response that never ends gets a fixed score
+  (--missing-end-penalty), as there.
+- Policy and value are two separate networks (as in Stiennon et al.), trained by one AdamW on
+  pg_loss + vf_coef * vf_loss with one gradient-norm clip. With Adam and no shared weights, vf_coef
+  matters mostly through that shared clip.
+- A constant learning rate (the original anneals it linearly), no dropout, no top-k/top-p while
+  sampling (plain temperature sampling, which is what the log-probs assume), one process, one
+  device, a tiny model and the tiny world instead of GPT-2 and books / TL;DR.
+Kept as there: reward on the last real token only, per-token KL penalty in the reward (k1 by
+default), the adaptive KL controller, temperature applied when scoring log-probs, whitened
+advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
+
+    python ppo.py                                   # CPU, the tiny world: a few minutes
+    python ppo.py --adaptive-kl --target-kl 4       # let the controller choose kl_coef
+    python ppo.py --device cuda --batch-size 256 --minibatch-size 64 --max-new-tokens 64   # one GPU
+"""
+
+import argparse
+import contextlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import common
+import kernels
+from model import last_token_index, left_pad
+from tokenizer import decode_response, special_id
+from world import load_world
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def penalty_value(s):
+    return None if s.lower() == "none" else float(s)
+
+
+parser = argparse.ArgumentParser(description="Stage 3: PPO against the reward model with a KL penalty to SFT")
+common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=150)
+g = parser.add_argument_group("models")
+g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
+g = parser.add_argument_group("rollout")
+g.add_argument("--batch-size", type=int, default=64, help="prompts (episodes) per PPO step")
+g.add_argument("--max-new-tokens", type=int, default=32, help="longest response; longer ones are cut")
+g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, also applied when scoring log-probs")
+g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
+               help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
+g = parser.add_argument_group("KL penalty")
+g.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient (the start value with --adaptive-kl)")
+g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
+               help="per-token KL: k1 = log ratio, k3 = r - 1 - log r, full = exact over the vocabulary")
+g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
+g.add_argument("--target-kl", type=float, default=6.0, help="target sequence KL (nats) of the adaptive controller")
+g.add_argument("--kl-horizon", type=int, default=10000, help="horizon (episodes) of the adaptive controller")
+g.add_argument("--whiten-rewards", action="store_true", help="scale per-token rewards to unit variance")
+g = parser.add_argument_group("PPO")
+g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each batch of rollouts")
+g.add_argument("--minibatch-size", type=int, default=16, help="episodes per gradient step")
+g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (policy and value)")
+g.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clip")
+g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+g.add_argument("--cliprange-value", type=float, default=0.2, help="how far a value prediction may move per batch")
+g.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+g.add_argument("--gamma", type=float, default=1.0, help="discount")
+g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+g.add_argument("--grad-clip", type=float, default=1.0)
+g = parser.add_argument_group("evaluation")
+g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for eval/gold_reward")
+g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically")
+g.add_argument("--eval-every", type=int, default=50, help="gold evaluation and checkpoint every N steps")
+g.add_argument("--sample-every", type=int, default=25, help="print a few samples every N steps")
+g.add_argument("--show-samples", type=int, default=3)
+
+
+# -----------------------------------------------------------------------------
+# The math, importable (tests/test_ppo.py checks each piece against a plain reference)
+
+
+def masked_mean(x, mask):
+    """Mean over the real tokens (mask 1) only."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance over the real tokens only."""
+    n = mask.sum()
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+    """Zero mean, unit variance over the real tokens; padding stays 0 and changes nothing.
+    shift_mean=False only rescales (used for rewards: their sign is information)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def truncate_at_end(responses, end_id, pad_id):
+    """(B, R) sampled tokens -> (responses padded after the first end token, mask (B, R), ended (B,)).
+    The end token itself is a real token: its log-prob is trained and the score is read on it."""
+    is_end = responses == end_id
+    ended = is_end.any(dim=1)
+    R = responses.size(1)
+    first_end = torch.where(ended, is_end.float().argmax(dim=1), R - 1)  # argmax: the first max
+    mask = torch.arange(R, device=responses.device)[None, :] <= first_end[:, None]  # (B, R)
+    return responses.masked_fill(~mask, pad_id), mask.long(), ended
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator="k1", logits=None, ref_logits=None, temperature=1.0):
+    """Per-token estimate of KL(pi || pi_ref) at the sampled tokens (Schulman, "Approximating KL").
+    k1 = log(pi/pi_ref): unbiased, can be negative. k3 = r - 1 - log r with r = pi_ref/pi: unbiased
+    and >= 0. full: the exact KL over the whole vocabulary at each position (no sampling noise)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        log_r = ref_logprobs - logprobs
+        return torch.exp(log_r) - 1 - log_r
+    if estimator == "full":
+        return kernels.kl_divergence(logits, ref_logits, temperature)
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def compute_rewards(scores, kl, mask, kl_coef):
+    """Per-token rewards (B, R): -kl_coef * KL on every real token, plus the score on the last one."""
+    rewards = -kl_coef * kl * mask
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
+
+    A_t = sum_k (gamma lam)^k delta_{t+k}, delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the
+    last real token (the episode is over). Vectorised over the batch, a loop over time.
+    Returns (advantages, returns = advantages + values), both zero on padding.
+    """
+    rewards, values = rewards * mask, values * mask
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam  # padding: delta = 0 and lastgaelam stays 0
+        advantages[:, t] = lastgaelam
+    return advantages * mask, (advantages + values) * mask
+
+
+def value_loss(vpred, values, returns, mask, cliprange_value):
+    """Clipped value loss (as PPO2 / lm-human-preferences): the worse of the new prediction and the
+    prediction kept within cliprange_value of the rollout's. Returns (loss, clipfrac)."""
+    vpredclipped = values + torch.clamp(vpred - values, -cliprange_value, cliprange_value)
+    vf_losses1 = (vpred - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), mask)
+    return loss, masked_mean((vf_losses2 > vf_losses1).float(), mask)
+
+
+def adaptive_kl_coef(kl_coef, kl, target_kl, n_steps, horizon):
+    """The adaptive controller of Ziegler et al. 2019 (eq. 2):
+    e = clip(KL / target - 1, -0.2, 0.2), kl_coef <- kl_coef * (1 + e * n_steps / horizon)."""
+    error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, responses, temperature):
+    """Log-prob and entropy of each response token, at the sampling temperature. (B, R) each, and the
+    logits (B, R, V) that predicted them (position t's logits predict token t + 1)."""
+    logits = model(query_responses, attention_mask)[:, context_length - 1 : -1]  # (B, R, V)
+    logprobs, entropy = kernels.token_logprobs(logits, responses, temperature)
+    return logprobs, entropy, logits
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, args, kl_coef, end_id, pad_id,
+            generator=None, amp=contextlib.nullcontext):
+    """Steps 1-6 of the recipe on one batch of left-padded prompts (B, P). Returns a dict of tensors.
+    reward_model: anything with .score(idx, attention_mask) -> (B,), e.g. a rule in a test."""
+    P = queries.size(1)
+    for m in (policy, ref_policy, value_model):
+        m.eval()  # no dropout: these log-probs and values must be the ones ppo_update recomputes
+    with amp():
+        # 1. sample responses (KV cache) at the temperature; tokens after <|end|> come back as pad
+        responses = policy.generate(queries, query_mask, args.max_new_tokens, temperature=args.temperature,
+                                    eos_id=end_id, pad_id=pad_id, generator=generator)  # (B, R)
+        # 2. truncate at the end token; mask = real response tokens, end token included
+        responses, mask, ended = truncate_at_end(responses, end_id, pad_id)
+        query_responses = torch.cat([queries, responses], dim=1)  # (B, P + R)
+        attention_mask = torch.cat([query_mask, mask], dim=1)
+        # 3. score at the last real token; a response that never ended gets the fixed penalty
+        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
+        if args.missing_end_penalty is not None:
+            scores = torch.where(ended, scores, torch.full_like(scores, args.missing_end_penalty))
+        # 4. log-probs of the sampled tokens under the policy and the reference, same temperature
+        logprobs, entropy, logits = response_logprobs(policy, query_responses, attention_mask, P, responses,
+                                                      args.temperature)
+        ref_logprobs, _, ref_logits = response_logprobs(ref_policy, query_responses, attention_mask, P, responses,
+                                                        args.temperature)
+        values = value_model(query_responses, attention_mask)[:, P - 1 : -1].float()  # (B, R): V before token t
+    # 5. per-token reward: -kl_coef * KL everywhere, plus the score on the last real token
+    kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, logits, ref_logits, args.temperature) * mask
+    rewards = compute_rewards(scores, kl, mask, kl_coef)
+    if args.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    # 6. GAE advantages and returns; advantages whitened over the real tokens only
+    values = values * mask
+    advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+    advantages = whiten(advantages, mask)
+    return dict(query_responses=query_responses, attention_mask=attention_mask, context_length=P,
+                responses=responses, mask=mask, ended=ended, scores=scores, logprobs=logprobs,
+                ref_logprobs=ref_logprobs, entropy=entropy, kl=kl, values=values, rewards=rewards,
+                advantages=advantages, returns=returns)
+
+
+def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=contextlib.nullcontext):
+    """Step 7: --ppo-epochs passes over shuffled minibatches. Returns the stats of each minibatch, in order."""
+    B, P = batch["responses"].size(0), batch["context_length"]
+    for m in (policy, value_model):
+        m.eval()  # no dropout: the first ratio must compare the same function (so it is exactly 1)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stats = []
+    for epoch in range(args.ppo_epochs):
+        for mb in torch.randperm(B, generator=generator).split(args.minibatch_size):
+            mb = mb.to(batch["responses"].device)
+            qr, am, mask = batch["query_responses"][mb], batch["attention_mask"][mb], batch["mask"][mb]
+            with amp():
+                logits = policy(qr, am)[:, P - 1 : -1]  # (b, R, V)
+                pg_loss, pg_stats = kernels.ppo_policy_loss(
+                    logits, batch["responses"][mb], batch["logprobs"][mb], batch["advantages"][mb], mask,
+                    clip_coef=args.clip_coef, temperature=args.temperature, ent_coef=args.ent_coef)
+                vpred = value_model(qr, am)[:, P - 1 : -1].float()  # (b, R)
+            vf_loss, vf_clipfrac = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mask,
+                                              args.cliprange_value)
+            loss = pg_loss + args.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                common.die(f"the PPO loss is {loss.item()}; the last good checkpoint is kept in {args.out}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            stats.append({"ppo/approx_kl": pg_stats["approx_kl"].item(), "ppo/clipfrac": pg_stats["clipfrac"].item(),
+                          "ppo/ratio_mean": pg_stats["ratio_mean"].item(), "ppo/pg_loss": pg_stats["pg_loss"].item(),
+                          "value/loss": vf_loss.item(), "value/clipfrac": vf_clipfrac.item()})
+    return stats
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect value model, 0 a constant."""
+    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+
+
+@torch.no_grad()
+def gold_eval(policy, enc, world, eval_rows, args, device):
+    """eval/* on the held-out prompts, sampled at the training temperature with a fixed seed."""
+    responses = common.sample_responses(policy, enc, [r["prompt"] for r in eval_rows], device, args.max_new_tokens,
+                                        temperature=args.temperature,
+                                        generator=torch.Generator(device).manual_seed(args.seed))
+    return common.gold_summary(world, eval_rows, responses)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "steps", "batch-size", "max-new-tokens", "temperature", "ppo-epochs",
+                          "minibatch-size", "lr", "eval-every", "sample-every", "target-kl", "kl-horizon")
+    if args.kl_coef < 0:
+        common.die(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    kernels.set_backend(args.kernels)
+    out = Path(args.out)
+    device, dtype = common.setup_device(args.device)
+    amp = lambda: common.autocast(device, dtype)  # noqa: E731
+    common.seed_everything(args.seed)
+
+    # -- data ------------------------------------------------------------------
+    rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")
+    eval_rows = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
+    world = load_world(Path(args.eval_data).parent)
+    if world is None:
+        print(f"note: {args.eval_data} was not written by world.py: no gold judge, eval/* is skipped")
+
+    # -- models: the policy and its frozen reference (both SFT), the reward model and the value model
+    policy, enc, init_meta = common.load_policy(args.init, device)
+    ref_policy, _, _ = common.load_policy(args.init, device)
+    reward_model, rm_enc, _ = common.load_scalar_model(args.reward, device)
+    value_model, _, _ = common.load_scalar_model(args.reward, device)
+    if rm_enc.n_vocab != enc.n_vocab or rm_enc.encode(rows[0]["prompt"]) != enc.encode(rows[0]["prompt"]):
+        common.die(f"--reward {args.reward}: its tokenizer differs from the policy's (--init {args.init})")
+    for m in (ref_policy, reward_model):
+        m.requires_grad_(False)
+    reward_model.eval()
+    end_id, pad_id = special_id(enc, "<|end|>"), enc.eot_token
+    max_prompt = min(policy.config.block_size, reward_model.transformer.config.block_size) - args.max_new_tokens
+    prompt_ids = common.encode_prompts(enc, [r["prompt"] for r in rows], max_prompt, where=args.data)
+    common.encode_prompts(enc, [r["prompt"] for r in eval_rows], max_prompt, where=args.eval_data)
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=args.lr,
+                                  eps=1e-5, weight_decay=0.0)
+    updates = args.ppo_epochs * -(-args.batch_size // args.minibatch_size)
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters from {args.init} | {len(rows)} prompts | "
+          f"{args.batch_size} episodes/step, {args.steps * args.batch_size} in all | {updates} updates/step")
+
+    prompt_generator = torch.Generator().manual_seed(args.seed)  # which prompts each step
+    sample_generator = torch.Generator(device).manual_seed(args.seed + 1)  # the sampled tokens
+    shuffle_generator = torch.Generator().manual_seed(args.seed + 2)  # the minibatches
+    kl_coef, start = args.kl_coef, 0
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    if args.resume and (out / "resume.pt").exists():
+        state = torch.load(out / "resume.pt", weights_only=False)
+        policy.load_state_dict(common.load_state_dict(out, device))
+        value_model.load_state_dict(state["value_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        prompt_generator.set_state(state["prompt_generator"])
+        sample_generator.set_state(state["sample_generator"])
+        shuffle_generator.set_state(state["shuffle_generator"])
+        common.set_rng_state(state["rng"])
+        start, kl_coef = state["step"], state["kl_coef"]
+        logger.truncate_after(start)
+        print(f"resumed from {out} at step {start} (kl_coef {kl_coef:.4g})")
+
+    def save(step, final=None):
+        meta = {"stage": "ppo", "config": asdict(policy.config), "args": vars(args), "step": step,
+                "tokenizer": init_meta["tokenizer"], "episodes": step * args.batch_size, "final": final or {}}
+        resume = {"value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "prompt_generator": prompt_generator.get_state(), "sample_generator": sample_generator.get_state(),
+                  "shuffle_generator": shuffle_generator.get_state(), "rng": common.rng_state(), "step": step,
+                  "kl_coef": kl_coef}
+        common.save_checkpoint(out, policy, meta, resume)
+
+    # -- the loop --------------------------------------------------------------
+    show = ["objective/score", "objective/kl", "objective/kl_coef", "ppo/clipfrac", "value/explained_variance",
+            "response/length", "eval/gold_reward"]
+    metrics = {}
+    for step in range(start + 1, args.steps + 1):
+        pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()
+        queries, query_mask = left_pad([prompt_ids[i] for i in pick], pad_id, device)  # (B, P), left-padded
+        batch = rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, args, kl_coef,
+                        end_id, pad_id, sample_generator, amp)
+        mb_stats = ppo_update(policy, value_model, optimizer, batch, args, shuffle_generator, amp)
+
+        mask, seq_kl = batch["mask"], batch["kl"].sum(1)  # (B,) sequence KL to the reference
+        metrics = {"objective/score": batch["scores"].mean().item(), "objective/kl": seq_kl.mean().item(),
+                   "objective/entropy": masked_mean(batch["entropy"], mask).item(),
+                   "objective/reward": (batch["scores"] - kl_coef * seq_kl).mean().item(), "objective/kl_coef": kl_coef,
+                   **{k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]},
+                   "value/explained_variance": explained_variance(batch["values"], batch["returns"], mask),
+                   "response/length": mask.sum(1).float().mean().item(),
+                   "response/no_end_rate": 1 - batch["ended"].float().mean().item(),
+                   "episodes": step * args.batch_size}
+        if world is not None and (step % args.eval_every == 0 or step == args.steps):
+            metrics.update(gold_eval(policy, enc, world, eval_rows, args, device))
+        logger.log(step, metrics, show=show)
+        if args.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.target_kl, args.batch_size,
+                                       args.kl_horizon)
+        if step % args.sample_every == 0:
+            for i in range(min(args.show_samples, len(pick))):
+                prompt, text = rows[pick[i]]["prompt"], decode_response(enc, batch["responses"][i].tolist())
+                gold = f" | gold {world.gold_score(prompt, text):+.2f}" if world is not None else ""
+                print(f"  {prompt!r} -> {text!r}\n    score {batch['scores'][i].item():+.2f} | "
+                      f"kl {seq_kl[i].item():+.2f}{gold}")
+        if step % args.eval_every == 0 and step < args.steps:
+            save(step)
+
+    # -- final evaluation (on the last step) and save ---------------------------------
+    final = {k: v for k, v in metrics.items() if k != "episodes"}
+    save(args.steps, final)
+    if "eval/gold_reward" in final:
+        print(f"eval/gold_reward {final['eval/gold_reward']:.3f} ± {final['eval/gold_reward_se']:.3f} "
+              f"on {len(eval_rows)} held-out prompts")
+    print(f"saved {out}/model.pt, meta.json, metrics.jsonl")

@@ -1,0 +1,443 @@
+"""Kernels against the PyTorch reference and an independent float64 computation, forward and backward.
+
+On a CPU the Triton kernels run through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no CUDA); on a GPU the same tests run natively on "cuda".
+The interpreter checks arithmetic and indexing only (no races, no speed): shapes stay small and
+blocks large so the whole file runs in well under a minute on two CPU cores.
+
+Accuracy criterion (from KERNELS-NOTES.md): |ours - ref64| <= |torch_same_dtype - ref64| + tol,
+where torch_same_dtype is the reference run on the same (e.g. bf16) input.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))]
+DTYPES = [torch.float32, torch.bfloat16]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def triton_or_skip(device):
+    if not kernels.triton_available():
+        pytest.skip("triton is not installed")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    yield
+    kernels.set_backend("auto")
+
+
+# --------------------------------------------------------------------------------------------
+# float64 computations, written independently of kernels/reference.py
+# --------------------------------------------------------------------------------------------
+
+def logprobs64(logits, targets, temperature):
+    x = logits.double() / temperature
+    lse = torch.logsumexp(x, -1)
+    p = torch.exp(x - lse[..., None])
+    logp = x.gather(-1, targets[..., None])[..., 0] - lse
+    entropy = lse - (p * x).sum(-1)                 # H = lse - E_p[x]
+    return logp, entropy
+
+
+def kl64(logits, ref_logits, temperature):
+    logp = torch.log_softmax(logits.double() / temperature, -1)
+    logq = torch.log_softmax(ref_logits.double() / temperature, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ppo64(logits, actions, old, adv, mask, clip_coef, temperature, ref, kl_coef, est, ent_coef):
+    logp, entropy = logprobs64(logits, actions, temperature)
+    m = mask.double()
+    ratio = torch.exp(logp - old.double())
+    a = adv.double()
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    kl = torch.zeros_like(logp)
+    if ref is not None:
+        r = ref.double() - logp
+        kl = -r if est == "k1" else r.exp() - r - 1
+    n = m.sum().clamp(min=1)
+    loss = ((pg + kl_coef * kl - ent_coef * entropy) * m).sum() / n
+    clipped = ((ratio - 1).abs() > clip_coef) & (-a * ratio.clamp(1 - clip_coef, 1 + clip_coef) > -a * ratio)
+    stats = {"clipfrac": (clipped.double() * m).sum() / n, "entropy": (entropy * m).sum() / n,
+             "approx_kl": ((ratio - 1 - (logp - old.double())) * m).sum() / n,
+             "ratio_mean": (ratio * m).sum() / n, "pg_loss": (pg * m).sum() / n,
+             "kl": (kl * m).sum() / n}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def check(ours, same, ref64, atol, rtol=0.0, name=""):
+    """|ours - ref64| <= |same - ref64| + atol + rtol |ref64|, elementwise; and finite."""
+    ours, same, ref64 = (t.detach().double().cpu() for t in (ours, same, ref64))
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - ref64).abs()
+    bound = (same - ref64).abs() + atol + rtol * ref64.abs()
+    assert (err <= bound).all(), (f"{name}: max err {err.max():.3g}, exceeds the bound by "
+                                  f"{(err - bound).max():.3g}")
+
+
+def grad_rtol(dtype):
+    # a gradient stored in bf16 carries up to 1 bf16 ulp (2^-7 relative): the interpreter's
+    # fp32 -> bf16 cast truncates where the GPU rounds to nearest
+    return 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
+
+
+def make_logits(shape, dtype, device, scale=1.0, seed=0, sliced=False):
+    """Random logits [..., V]; sliced=True returns a non-contiguous [B, T, V] view (x[:, :-1])."""
+    g = torch.Generator().manual_seed(seed)
+    if sliced:
+        B, T, V = shape
+        full = torch.randn(B, T + 1, V, generator=g) * scale
+        return full.to(device=device, dtype=dtype)[:, :-1]
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+
+# name: (shape, temperature, logit scale, sliced)
+CASES = {
+    "odd_rows_V1000": ((13, 1000), 1.0, 1.0, False),
+    "V50257_tiny_N": ((2, 50257), 0.7, 1.0, False),
+    "one_token_x30": ((1, 1000), 0.7, 30.0, False),
+    "sliced_3d": ((2, 4, 777), 0.7, 3.0, True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# token_logprobs
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_logprobs(case, dtype, device):
+    triton_or_skip(device)
+    shape, temperature, scale, sliced = CASES[case]
+    logits = make_logits(shape, dtype, device, scale, sliced=sliced).requires_grad_()
+    V = shape[-1]
+    targets = torch.randint(0, V, logits.shape[:-1], generator=torch.Generator().manual_seed(1))
+    targets = targets.to(device)
+    targets.view(-1)[0] = V - 1    # the last column (in the last, partial block)
+
+    logp, entropy = kernels.token_logprobs(logits, targets, temperature, backend="triton")
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert logp.shape == entropy.shape == logits.shape[:-1]
+    logp_ref, entropy_ref = reference.token_logprobs(logits, targets, temperature)
+    logits64 = logits.detach().double().requires_grad_()
+    logp64, entropy64 = logprobs64(logits64, targets, temperature)
+
+    atol = 2e-6 * max(1.0, scale / temperature)    # fp32 rounding of |logits| ~ scale / T
+    check(logp, logp_ref, logp64, atol, 1e-6, "logp")
+    check(entropy, entropy_ref, entropy64, atol, 1e-6, "entropy")
+    torch.testing.assert_close(logp, logp_ref, atol=10 * atol, rtol=1e-5)
+    torch.testing.assert_close(entropy, entropy_ref, atol=10 * atol, rtol=1e-5)
+
+    # backward, upstream gradients != 1 on both outputs
+    g = torch.Generator().manual_seed(2)
+    g_logp = (torch.randn(logp.shape, generator=g) * 1.5).to(device)
+    g_ent = (torch.randn(logp.shape, generator=g) * 0.7).to(device)
+    (grad,) = torch.autograd.grad((logp, entropy), logits, (g_logp, g_ent))
+    (grad_ref,) = torch.autograd.grad((logp_ref, entropy_ref), logits, (g_logp, g_ent))
+    (grad64,) = torch.autograd.grad((logp64, entropy64), logits64, (g_logp.double(), g_ent.double()))
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    check(grad, grad_ref, grad64, 1e-6 * max(1.0, scale / temperature), grad_rtol(dtype), "dlogits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_fp16_and_one_output(device):
+    """fp16 logits, and a gradient through the log-prob alone (the entropy's grad is None)."""
+    triton_or_skip(device)
+    logits = make_logits((3, 2, 300), torch.float16, device, 2.0).requires_grad_()
+    targets = torch.randint(0, 300, (3, 2)).to(device)
+    logp, _ = kernels.token_logprobs(logits, targets, 1.3, backend="triton")
+    logp_ref, _ = reference.token_logprobs(logits, targets, 1.3)
+    logits64 = logits.detach().double().requires_grad_()
+    logp64, _ = logprobs64(logits64, targets, 1.3)
+    check(logp, logp_ref, logp64, 2e-6, 1e-6, "logp")
+    (grad,) = torch.autograd.grad(logp.sum() * 0.5, logits)
+    (grad_ref,) = torch.autograd.grad(logp_ref.sum() * 0.5, logits)
+    (grad64,) = torch.autograd.grad(logp64.sum() * 0.5, logits64)
+    check(grad, grad_ref, grad64, 1e-6, 2.0 ** -10, "dlogits")
+
+
+# --------------------------------------------------------------------------------------------
+# kl_divergence
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kl_divergence(case, dtype, device):
+    triton_or_skip(device)
+    shape, temperature, scale, sliced = CASES[case]
+    logits = make_logits(shape, dtype, device, scale, seed=0, sliced=sliced).requires_grad_()
+    # a nearby reference model: KL small (the hard case for cancellation) but not zero
+    noise = make_logits(shape, torch.float32, device, 0.5 * scale, seed=3, sliced=sliced)
+    ref_logits = (logits.detach().float() + noise).to(dtype)
+
+    kl = kernels.kl_divergence(logits, ref_logits, temperature, backend="triton")
+    assert kl.dtype == torch.float32 and kl.shape == logits.shape[:-1]
+    kl_ref = reference.kl_divergence(logits, ref_logits, temperature)
+    logits64 = logits.detach().double().requires_grad_()
+    kl_64 = kl64(logits64, ref_logits, temperature)
+    atol = 2e-6 * max(1.0, scale / temperature)
+    check(kl, kl_ref, kl_64, atol, 1e-5, "kl")
+    torch.testing.assert_close(kl, kl_ref, atol=10 * atol, rtol=1e-4)
+
+    g = (torch.randn(kl.shape, generator=torch.Generator().manual_seed(4)) * 1.5).to(device)
+    (grad,) = torch.autograd.grad(kl, logits, g)
+    (grad_ref,) = torch.autograd.grad(kl_ref, logits, g)
+    (grad64,) = torch.autograd.grad(kl_64, logits64, g.double())
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    check(grad, grad_ref, grad64, 1e-6 * max(1.0, scale / temperature), grad_rtol(dtype), "dlogits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_identical_is_zero_and_ref_gets_no_grad(device):
+    triton_or_skip(device)
+    logits = make_logits((3, 500), torch.float32, device, 5.0).requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    kl = kernels.kl_divergence(logits, ref_logits, 0.7, backend="triton")
+    assert kl.abs().max() < 1e-6
+    grads = torch.autograd.grad(kl.sum(), (logits, ref_logits), allow_unused=True)
+    assert grads[0].abs().max() < 1e-6
+    assert grads[1] is None or grads[1].abs().max() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# ppo_policy_loss
+# --------------------------------------------------------------------------------------------
+
+# name: (shape [B, T, V], dtype, temperature, scale, sliced, kl_estimator, use ref, kl_coef,
+#        ent_coef, float mask)
+PPO_CASES = {
+    "fp32_k3_ent": ((3, 5, 1000), torch.float32, 1.0, 1.0, False, "k3", True, 0.1, 0.01, False),
+    "bf16_k1_T07": ((3, 5, 1000), torch.bfloat16, 0.7, 1.0, False, "k1", True, 0.2, 0.0, True),
+    "fp32_x30_noref": ((2, 4, 1000), torch.float32, 0.7, 30.0, False, "k3", False, 0.0, 0.02, False),
+    "bf16_V50257": ((1, 3, 50257), torch.bfloat16, 1.0, 1.0, False, "k3", True, 0.05, 0.01, False),
+    "sliced_k1": ((2, 4, 777), torch.float32, 0.7, 3.0, True, "k1", True, 0.1, 0.05, False),
+}
+
+
+def ppo_inputs(shape, dtype, device, temperature, scale, sliced, float_mask):
+    logits = make_logits(shape, dtype, device, scale, sliced=sliced).requires_grad_()
+    B, T, V = shape
+    g = torch.Generator().manual_seed(5)
+    actions = torch.randint(0, V, (B, T), generator=g).to(device)
+    with torch.no_grad():
+        logp, _ = reference.token_logprobs(logits, actions, temperature)
+    # old / ref log-probs near the current ones: ratios around 1, some beyond the clip range
+    old = logp + 0.3 * torch.randn(B, T, generator=g).to(device)
+    ref = logp + 0.3 * torch.randn(B, T, generator=g).to(device)
+    adv = torch.randn(B, T, generator=g).to(device)
+    mask = torch.rand(B, T, generator=g).to(device) > 0.25
+    mask[:, 0] = True
+    if B > 1:
+        mask[-1] = False                                   # a fully masked row
+    if float_mask:
+        mask = mask.float()
+    return logits, actions, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(PPO_CASES))
+def test_ppo_policy_loss(case, device):
+    triton_or_skip(device)
+    shape, dtype, temperature, scale, sliced, est, use_ref, kl_coef, ent_coef, fmask = PPO_CASES[case]
+    logits, actions, old, ref, adv, mask = ppo_inputs(shape, dtype, device, temperature, scale,
+                                                      sliced, fmask)
+    kw = dict(clip_coef=0.2, temperature=temperature, ref_logprobs=ref if use_ref else None,
+              kl_coef=kl_coef, kl_estimator=est, ent_coef=ent_coef)
+    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, backend="triton", **kw)
+    loss_ref, stats_ref = reference.ppo_policy_loss(logits, actions, old, adv, mask, **kw)
+    logits64 = logits.detach().double().requires_grad_()
+    loss64, stats64 = ppo64(logits64, actions, old, adv, mask, 0.2, temperature,
+                            ref if use_ref else None, kl_coef, est, ent_coef)
+
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device == logits.device
+    assert set(stats) == {"clipfrac", "approx_kl", "entropy", "ratio_mean", "pg_loss", "kl"}
+    atol = 2e-6 * max(1.0, scale / temperature)
+    check(loss, loss_ref, loss64, atol, 1e-5, "loss")
+    for name in stats:
+        s = stats[name]
+        assert s.shape == () and s.dtype == torch.float32 and s.device == logits.device, name
+        assert not s.requires_grad, name
+        check(s, stats_ref[name], stats64[name], atol, 1e-5, name)
+        torch.testing.assert_close(s, stats_ref[name], atol=10 * atol, rtol=1e-4, msg=name)
+    if mask.sum() >= 8:
+        assert 0 < stats["clipfrac"] < 1, "the inputs should clip some tokens and not others"
+
+    (grad,) = torch.autograd.grad(loss, logits, torch.tensor(1.7, device=device))
+    (grad_ref,) = torch.autograd.grad(loss_ref, logits, torch.tensor(1.7, device=device))
+    (grad64,) = torch.autograd.grad(loss64, logits64, torch.tensor(1.7, dtype=torch.float64))
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    check(grad, grad_ref, grad64, 1e-7, grad_rtol(dtype), "dlogits")
+    if not fmask:
+        assert (grad[~mask] == 0).all(), "masked tokens must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ppo_all_zero_mask(backend, device):
+    if backend == "triton":
+        triton_or_skip(device)
+    logits, actions, old, ref, adv, _ = ppo_inputs((2, 3, 300), torch.float32, device, 1.0, 1.0,
+                                                   False, False)
+    mask = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, ref_logprobs=ref,
+                                          kl_coef=0.1, ent_coef=0.01, backend=backend)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0.0
+    assert (grad == 0).all()
+    assert all(v.item() == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ppo_first_step_ratio_is_one(device):
+    """With old_logprobs = the current log-probs, ratio = 1 exactly, nothing clips, approx_kl = 0."""
+    triton_or_skip(device)
+    logits, actions, _, _, adv, mask = ppo_inputs((2, 3, 300), torch.bfloat16, device, 0.7, 1.0,
+                                                  False, False)
+    old, _ = kernels.token_logprobs(logits.detach(), actions, 0.7, backend="triton")
+    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, temperature=0.7,
+                                          backend="triton")
+    assert stats["ratio_mean"].item() == 1.0
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# large tensors (GPU only): row offsets must be int64 once N * V passes 2^31
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with ~5 GB free")
+def test_int64_row_offsets_cuda():
+    N, V = 16800, 128256                                   # N * V = 2.15e9 > 2^31
+    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, V, (N,), device="cuda")
+    logp, entropy = kernels.token_logprobs(logits, targets, backend="triton")
+    tail = slice(N - 8, N)
+    logp_ref, entropy_ref = reference.token_logprobs(logits[tail], targets[tail])
+    torch.testing.assert_close(logp[tail], logp_ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(entropy[tail], entropy_ref, atol=1e-4, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+
+ALL_OPS = {"token_logprobs", "kl_divergence", "ppo_policy_loss"}
+
+
+def _spy_on_reference(monkeypatch):
+    calls = []
+    for name in ("token_logprobs", "kl_divergence", "ppo_policy_loss"):
+        fn = getattr(reference, name)
+
+        def spy(*args, _fn=fn, _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(reference, name, spy)
+    return calls
+
+
+def _call_all(backend=None, V=64):
+    logits = torch.randn(2, 3, V)
+    actions = torch.randint(0, V, (2, 3))
+    zeros = torch.zeros(2, 3)
+    kernels.token_logprobs(logits, actions, backend=backend)
+    kernels.kl_divergence(logits, logits + 1, backend=backend)
+    kernels.ppo_policy_loss(logits, actions, zeros, zeros, zeros > -1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [None, "auto", "torch"])
+def test_dispatch_cpu_uses_reference(backend, monkeypatch):
+    calls = _spy_on_reference(monkeypatch)
+    _call_all(backend)
+    assert set(calls) == ALL_OPS
+
+
+def test_dispatch_set_backend(monkeypatch):
+    triton_or_skip("cpu")
+    calls = _spy_on_reference(monkeypatch)
+    kernels.set_backend("triton")
+    assert kernels.get_backend() == "triton"
+    _call_all()
+    assert calls == [], "set_backend('triton') must run the kernels on CPU tensors too"
+    kernels.set_backend("torch")
+    _call_all()
+    assert set(calls) == ALL_OPS
+    calls.clear()
+    _call_all(backend="triton")    # the argument wins over the global
+    assert calls == []
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_dispatch_cuda(monkeypatch):
+    calls = _spy_on_reference(monkeypatch)
+    x = torch.randn(2, 64, device="cuda")
+    t = torch.randint(0, 64, (2,), device="cuda")
+    kernels.token_logprobs(x, t)
+    assert calls == []                    # auto on CUDA: Triton
+    kernels.set_backend("torch")
+    kernels.token_logprobs(x, t)
+    assert calls == ["token_logprobs"]    # --kernels torch is respected on CUDA
+
+
+def test_dispatch_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="fast")
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="not installed"):
+        kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+def test_input_checks():
+    triton_or_skip("cpu")
+    x = torch.randn(2, 3, 10)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        kernels.token_logprobs(x, torch.zeros(2, dtype=torch.long), backend="triton")
+    with pytest.raises(TypeError, match="integer"):
+        kernels.token_logprobs(x, torch.zeros(2, 3), backend="triton")
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.token_logprobs(x, torch.zeros(2, 3, dtype=torch.long), 0.0, backend="triton")
+    with pytest.raises(ValueError, match="ref_logits must have the shape"):
+        kernels.kl_divergence(x, x[..., :5], backend="triton")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kernels.ppo_policy_loss(x, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3),
+                                torch.zeros(2, 3), torch.ones(2, 3), kl_estimator="k2",
+                                backend="triton")
+
+
+def test_import_without_triton():
+    """`import kernels` must not import triton, and must work where triton is missing."""
+    code = "\n".join([
+        "import sys, torch",
+        "import kernels",
+        "assert 'triton' not in sys.modules, 'import kernels imported triton'",
+        "sys.modules['triton'] = None   # from here on, triton cannot be imported",
+        "x = torch.randn(2, 3, 10); t = torch.randint(0, 10, (2, 3))",
+        "logp, H = kernels.token_logprobs(x, t)",
+        "assert logp.shape == (2, 3)",
+        "try:",
+        "    kernels.token_logprobs(x, t, backend='triton')",
+        "    raise SystemExit('no error for backend=triton without triton')",
+        "except RuntimeError as e:",
+        "    assert 'not installed' in str(e)",
+        "print('ok')",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
