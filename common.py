@@ -28,6 +28,9 @@ class BadInput(SystemExit):
         super().__init__(2)
         self.message = message
 
+    def __str__(self):
+        return self.message
+
 
 def die(message):
     """Stop with one clear line on stderr and exit status 2 (bad input, not a crash)."""

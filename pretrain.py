@@ -181,7 +181,10 @@ if __name__ == "__main__":
         if step % args.eval_every == 0 or step == args.steps:
             val_loss = estimate_loss(model, val_data, args, device, dtype, torch.Generator().manual_seed(val_generator_seed))
             metrics["val/loss"] = val_loss
-        logger.log(step, metrics, show=["train/loss", "val/loss", "train/lr"])
+            if world is not None:
+                metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
+                model.train()
+        logger.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
         if step % args.eval_every == 0 and step < args.steps:
             model.eval()
             prompt = "The " + (world.entities[0] + "'s colour is" if world else "")

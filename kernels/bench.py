@@ -98,10 +98,11 @@ def measure(fn, do_bench, torch, args):
 
 
 def load_liger():
-    """(cross_entropy_none, grpo_apply) or (None, None), printing why."""
+    """({"none": ce, "sum": ce} or None, grpo_apply or None), printing what is missing."""
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
-        ce = LigerCrossEntropyLoss(reduction="none")
+        ce = {"none": LigerCrossEntropyLoss(reduction="none"),
+              "sum": LigerCrossEntropyLoss(reduction="sum")}
     except Exception as e:  # not installed, or a version without it
         print(f"liger-kernel cross-entropy: not installed ({type(e).__name__}: {e})")
         ce = None
@@ -148,12 +149,12 @@ def build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V, backward
     elif not backward:
         def liger_fwd():
             with torch.no_grad():
-                return liger_ce(logits, targets)
+                return liger_ce["none"](logits, targets)
         fns["liger"] = liger_fwd
     else:
-        # log-prob only (cross-entropy = -logp); runs last: Liger writes its gradient into the
-        # logits buffer during the forward
-        fns["liger"] = lambda: torch.autograd.grad(liger_ce(logits, targets), logits, g_logp)
+        # log-prob only (cross-entropy = -logp), summed (a scalar upstream gradient is what its
+        # backward expects); runs last: Liger writes its gradient into the logits buffer
+        fns["liger"] = lambda: torch.autograd.grad(liger_ce["sum"](logits, targets), logits)
     return fns
 
 
@@ -261,6 +262,10 @@ def main(argv=None):
         compiled = {name: torch.compile(getattr(reference, name))
                     for name in ("token_logprobs", "kl_divergence", "ppo_policy_loss")}
 
+    header = (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
+              f"measured copy bandwidth {bw / 1e9:.0f} GB/s; bf16 logits.\n\n")
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "copy_bandwidth_gbps": bw / 1e9}
     rows = []
     for N in args.n:
         for V in args.v:
@@ -279,6 +284,8 @@ def main(argv=None):
                         fns = build_kl(torch, kernels, reference, compiled, N, V)
                 except torch.cuda.OutOfMemoryError:
                     rows.append({**base, "impl": "-", "note": "OOM allocating the inputs"})
+                    if args.out:
+                        write_out(args.out, header, rows, meta)
                     print(f"{op} N={N} V={V}: OOM allocating the inputs, skipped")
                     fns = None
                     gc.collect()
@@ -302,22 +309,25 @@ def main(argv=None):
                         torch.cuda.empty_cache()
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], flush=True)
+                    if args.out:
+                        write_out(args.out, header, rows, meta)
                 del fns
                 gc.collect()
                 torch.cuda.empty_cache()
 
-    table = markdown(rows)
-    header = (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
-              f"measured copy bandwidth {bw / 1e9:.0f} GB/s; bf16 logits.\n\n")
-    print("\n" + header + table)
+    print("\n" + header + markdown(rows))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(header + table + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-                       "copy_bandwidth_gbps": bw / 1e9, "rows": rows}, f, indent=1)
         print(f"wrote {args.out}")
+
+
+def write_out(path, header, rows, meta):
+    """Write the table (Markdown) and the rows (JSON beside it); called after every row so that
+    a run cut short by a time limit still leaves what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(header + markdown(rows) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

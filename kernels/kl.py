@@ -16,7 +16,8 @@ log-softmax tensors, an exp, a product and a sum, and keeps log p and log q for 
 
 Memory traffic, per row of V bf16 logits (2 bytes each)
 -------------------------------------------------------
-    naive forward   read 2 x 2V, then ~8 float32 passes of 4V        ~ 70 V bytes, 8V bytes kept
+    naive forward   2 casts, 2 divides, 2 log_softmax, exp, subtract, multiply, sum, in float32
+                    ~ 80 V bytes, and ~12 V bytes per row kept alive for the backward
     fused forward   read 2 x 2V (both rows once), write 16 bytes     =   4 V bytes
     fused backward  read 2 x 2V again, write 2V (dlogits)            =   6 V bytes
 
@@ -173,7 +174,7 @@ class KLDivergence(torch.autograd.Function):
         kl, lse2_x, lse2_y = kl_fwd(logits, ref_logits, temperature)
         ctx.save_for_backward(logits, ref_logits, kl, lse2_x, lse2_y)
         ctx.temperature = temperature
-        return kl.clone().view(logits.shape[:-1])
+        return kl.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):

@@ -32,7 +32,8 @@ writes zeros without reading them (PPO batches are often a third padding).
 
 Memory traffic, per real token, V bf16 logits (2 bytes each)
 -------------------------------------------------------------
-    naive (reference) fwd+bwd   log_softmax / gather / entropy in float32, ~100+ V bytes
+    naive (reference) fwd+bwd   the reference token_logprobs in float32: ~46 V bytes forward,
+                                about twice that backward
     fused forward               read 2V, write 48 bytes (8 per-token sums, 2 derivatives, lse, H)
     fused backward              read 2V, write 2V
   = 6V bytes for the step, against a floor of 4V (one read, one write); the re-read is the price
@@ -73,9 +74,11 @@ def _ppo_loss_fwd_kernel(
     if m != 0.0:  # padding tokens: leave the zeros, never touch their logits
         row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner)
         scale = tl.cast(inv_temperature, tl.float32) * LOG2E
-        clip_coef = tl.cast(clip_coef, tl.float32)
-        kl_coef = tl.cast(kl_coef, tl.float32)
-        ent_coef = tl.cast(ent_coef, tl.float32)
+        # fp32 copies under new names (re-binding an argument inside a runtime `if` would make
+        # it a value of the branch, which must then have the same type on both sides)
+        clip = tl.cast(clip_coef, tl.float32)
+        beta = tl.cast(kl_coef, tl.float32)
+        ent = tl.cast(ent_coef, tl.float32)
 
         # 1. log-sum-exp and entropy: the one pass over the logits
         lse2, entropy = online_logsumexp_entropy(row_ptr, V, scale, BLOCK_V)
@@ -89,10 +92,10 @@ def _ppo_loss_fwd_kernel(
         log_ratio = logp - old
         ratio = tl.exp(log_ratio)
         pg_unclipped = -adv * ratio
-        pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_coef), 1.0 + clip_coef)
+        pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip), 1.0 + clip)
         pg = tl.maximum(pg_unclipped, pg_clipped)
         clipped_active = pg_clipped > pg_unclipped     # then the ratio is outside the clip range
-        clipped = (tl.abs(ratio - 1.0) > clip_coef) & clipped_active
+        clipped = (tl.abs(ratio - 1.0) > clip) & clipped_active
         dlogp = tl.where(clipped_active, 0.0, -adv * ratio)   # d pg / d logp
 
         # 3. KL penalty to the reference policy, per token, from its log-prob of the action
@@ -101,13 +104,13 @@ def _ppo_loss_fwd_kernel(
             d = tl.load(ref_logp_ptr + row) - logp    # log(pi_ref / pi)
             if KL_K3:
                 kl = tl.exp(d) - d - 1.0
-                dlogp += kl_coef * (1.0 - tl.exp(d))
+                dlogp += beta * (1.0 - tl.exp(d))
             else:
                 kl = -d
-                dlogp += kl_coef
+                dlogp += beta
 
         # 4. per-token loss, statistics and derivatives, weighted by the mask
-        loss = pg + kl_coef * kl - ent_coef * entropy
+        loss = pg + beta * kl - ent * entropy
         tok = tok_ptr + row * 8
         tl.store(tok + 0, m * loss)
         tl.store(tok + 1, m)
@@ -118,7 +121,7 @@ def _ppo_loss_fwd_kernel(
         tl.store(tok + 6, m * ((ratio - 1.0) - log_ratio))   # approx KL(old || new), k3 form
         tl.store(tok + 7, m * clipped.to(tl.float32))
         tl.store(dlogp_ptr + row, m * dlogp)
-        tl.store(dent_ptr + row, -m * ent_coef)
+        tl.store(dent_ptr + row, -m * ent)
         tl.store(lse2_ptr + row, lse2)
         tl.store(entropy_ptr + row, entropy)
 
