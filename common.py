@@ -309,10 +309,18 @@ def check_positive(args, *names):
 # Loading a previous stage, sampling answers, and judging them with the gold judge
 
 
+def load_tokenizer_or_die(path, flag):
+    from tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        die(f"{flag}: cannot load the tokenizer {path} ({e})")
+
+
 def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"), flag="--init"):
     """A GPT checkpoint with its tokenizer: (model, enc, meta). Every check names the flag and folder."""
     from model import GPT, GPTConfig
-    from tokenizer import load_tokenizer
 
     meta = load_meta(stage_dir, expect_stage, flag)
     state = load_state_dict(stage_dir, device)
@@ -321,7 +329,7 @@ def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"
         model.load_state_dict(state)
     except RuntimeError as e:
         die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
-    enc = load_tokenizer(meta["tokenizer"])
+    enc = load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}")
     if enc.n_vocab > model.config.vocab_size:
         die(f"{flag} {stage_dir}: tokenizer {meta['tokenizer']} has {enc.n_vocab} tokens, the model only {model.config.vocab_size}")
     return model.to(device), enc, meta
@@ -330,7 +338,6 @@ def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"
 def load_scalar_model(stage_dir, device, expect_stage=("reward",), flag="--reward"):
     """A reward (or value) model: a GPT trunk with a scalar head. Returns (model, enc, meta)."""
     from model import GPTConfig, ScalarModel
-    from tokenizer import load_tokenizer
 
     meta = load_meta(stage_dir, expect_stage, flag)
     model = ScalarModel(GPTConfig(**meta["config"]))
@@ -338,7 +345,7 @@ def load_scalar_model(stage_dir, device, expect_stage=("reward",), flag="--rewar
         model.load_state_dict(load_state_dict(stage_dir, device))
     except RuntimeError as e:
         die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
-    return model.to(device), load_tokenizer(meta["tokenizer"]), meta
+    return model.to(device), load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}"), meta
 
 
 def encode_prompts(enc, prompts, max_len, where="prompts"):

@@ -283,6 +283,8 @@ class GPT(nn.Module):
         kept to check the cache against).
         """
         B, T = idx.size()
+        if max_new_tokens < 1:
+            return idx.new_zeros((B, 0))
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
                              f"block_size {self.config.block_size}")

@@ -22,7 +22,6 @@ import torch
 
 import common
 from model import GPT, GPTConfig, left_pad
-from tokenizer import load_tokenizer
 from world import World, load_world
 
 # -----------------------------------------------------------------------------
@@ -114,7 +113,7 @@ if __name__ == "__main__":
     text = data_path.read_text(encoding="utf-8")
     if not text.strip():
         common.die(f"--data {data_path}: empty file (expected plain text)")
-    enc = load_tokenizer(args.tokenizer)
+    enc = common.load_tokenizer_or_die(args.tokenizer, "--tokenizer")
     t0 = time.time()
     ids = []
     for paragraph in text.split("\n"):  # documents separated by <|endoftext|>, as GPT-2 does

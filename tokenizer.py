@@ -203,7 +203,9 @@ def load_tokenizer(path):
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    missing = [k for k in ("name", "pattern", "special_tokens", "vocab_size") if k not in meta]
+    if not isinstance(meta, dict) or not isinstance(meta.get("special_tokens"), dict):
+        raise ValueError(f"{meta_file}: expected an object with a 'special_tokens' object")
+    missing = [k for k in ("name", "pattern", "vocab_size") if k not in meta]
     if missing:
         raise ValueError(f"{meta_file}: missing field(s) {', '.join(missing)}")
     ranks = _read_ranks(rank_file)
@@ -279,6 +281,7 @@ def decode_response(enc, ids):
     if end in ids:
         ids = ids[: ids.index(end)]
     specials = set(enc._special_tokens.values())  # <|endoftext|> used as padding, stray chat tokens
+    # ids past the tokenizer's vocabulary can come from a model whose vocab was rounded up: dropped too
     return enc.decode([i for i in ids if i not in specials and 0 <= i < enc.n_vocab])
 
 

@@ -160,18 +160,19 @@ def test_eos_then_pad_and_early_stop():
     model = make_model()
     idx, mask = left_pad(random_prompts([4, 9, 2]), PAD)
     free = model.generate(idx, mask, 16, temperature=0).tolist()
-    eos = free[0][2]  # a token row 0 emits at step 2: each row finishes at its first occurrence
+
+    def ends(eos):  # each row finishes at its first eos (inclusive)
+        return [row.index(eos) + 1 if eos in row else len(row) for row in free]
+
+    # an eos that row 0 emits early and some other row emits late (or never), so row 0 shows pads
+    eos = max(sorted(set(free[0][1:8])), key=lambda t: max(ends(t)) - ends(t)[0])
+    end0, R = ends(eos)[0], max(ends(eos))  # generation stops as soon as every row has finished
+    assert end0 < R
     pad = min(set(range(97)) - {t for row in free for t in row})  # a pad id we can tell apart
     out = model.generate(idx, mask, 16, temperature=0, eos_id=eos, pad_id=pad).tolist()
-    expected, ends = [], []
-    for row in free:
-        end = row.index(eos) + 1 if eos in row else len(row)
-        expected.append(row[:end] + [pad] * (len(row) - end))
-        ends.append(end)
-    R = max(ends)  # stops as soon as every row has finished
-    assert 3 < R and len(out[0]) == R
+    expected = [row[:end] + [pad] * (R - end) for row, end in zip(free, ends(eos))]
     assert out == [row[:R] for row in expected]
-    assert out[0][2] == eos and all(t == pad for t in out[0][3:])
+    assert out[0][end0 - 1] == eos and out[0][end0:] == [pad] * (R - end0)
 
 
 def test_generate_rejects_too_long():

@@ -117,7 +117,8 @@ def test_training_is_deterministic(enc, corpus, tmp_path):
     subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "corpus.txt"), str(VOCAB),
                     str(tmp_path / "tok")], check=True, env=env, timeout=60)
     save_tokenizer(enc, tmp_path / "here")
-    assert (tmp_path / "tok" / "tokenizer.tiktoken").read_bytes() == (tmp_path / "here" / "tokenizer.tiktoken").read_bytes()
+    rank_file = "tokenizer.tiktoken"
+    assert (tmp_path / "tok" / rank_file).read_bytes() == (tmp_path / "here" / rank_file).read_bytes()
 
 
 # -----------------------------------------------------------------------------
