@@ -28,7 +28,7 @@ from world import World, load_world
 # Config
 
 parser = argparse.ArgumentParser(description="Stage 0: next-token pretraining on a text corpus")
-common.add_common_args(parser, "pretrain", data="data/pretrain.txt", steps=700)
+common.add_common_args(parser, "pretrain", data="data/pretrain.txt", steps=300)
 g = parser.add_argument_group("model")
 g.add_argument("--tokenizer", default="out/tokenizer", help="folder written by tokenizer.py, or 'gpt2'")
 g.add_argument("--block-size", type=int, default=128, help="context length in tokens")
@@ -39,7 +39,7 @@ g.add_argument("--dropout", type=float, default=0.0)
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=int, default=32, help="sequences per step")
 g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=50)
+g.add_argument("--warmup-steps", type=int, default=30)
 g.add_argument("--weight-decay", type=float, default=0.1)
 g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
