@@ -10,6 +10,7 @@ another, each in a fresh process, exactly as you would by hand. A stage that fai
 """
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -27,23 +28,78 @@ parser.add_argument("--only", default=None, help="comma-separated stages to run"
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+                    help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
 
-def stages(out, data, quick):
-    """(name, script, arguments, quick-size arguments) in the order they run."""
+def stages(out, data):
+    """(name, script, arguments, takes the common flags, quick-size arguments, GPU-preset arguments)."""
     o, d = Path(out), Path(data)
+    evals = ["--eval-data", d / "eval_prompts.jsonl"]
     return [
-        ("world", "world.py", ["--out", d], ["--n-sft", 400, "--n-prompts", 200, "--n-eval", 64, "--n-paragraphs", 1500]),
-        ("tokenizer", "tokenizer.py", ["--data", d / "pretrain.txt", "--out", o / "tokenizer"], ["--vocab-size", 512]),
-        ("pretrain", "pretrain.py", ["--data", d / "pretrain.txt", "--tokenizer", o / "tokenizer", "--out", o / "pretrain"],
-         ["--steps", 30, "--n-layer", 2, "--n-embd", 64, "--batch-size", 8, "--eval-every", 15]),
+        ("world", "world.py", ["--out", d], False,
+         ["--n-sft", 400, "--n-prompts", 200, "--n-eval", 64, "--n-paragraphs", 1500], []),
+        ("tokenizer", "tokenizer.py", ["--data", d / "pretrain.txt", "--out", o / "tokenizer"], False,
+         ["--vocab-size", 512], []),
+        ("pretrain", "pretrain.py", ["--data", d / "pretrain.txt", "--tokenizer", o / "tokenizer", "--out", o / "pretrain"], True,
+         ["--steps", 30, "--n-layer", 2, "--n-embd", 64, "--batch-size", 8, "--eval-every", 15, "--warmup-steps", 5],
+         ["--n-layer", 12, "--n-head", 12, "--n-embd", 768, "--batch-size", 64, "--steps", 1000, "--lr", 6e-4]),
+        ("sft", "sft.py", ["--init", o / "pretrain", "--data", d / "sft.jsonl", *evals, "--out", o / "sft"], True,
+         ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 16], ["--lr", 1e-4]),
+        ("feedback", "feedback.py", ["--init", o / "sft", "--data", d / "prompts.jsonl", "--out", o / "feedback"], True,
+         ["--num-prompts", 40], []),
+        ("reward", "reward.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", "--out", o / "reward"], True,
+         ["--steps", 5, "--batch-size", 8, "--eval-every", 5], ["--lr", 3e-5]),
+        ("ppo", "ppo.py", ["--init", o / "sft", "--reward", o / "reward", "--data", d / "prompts.jsonl", *evals,
+                           "--out", o / "ppo"], True,
+         ["--steps", 2, "--batch-size", 8, "--minibatch-size", 4, "--eval-every", 2, "--eval-prompts", 8], ["--lr", 1e-5]),
+        ("dpo", "dpo.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", *evals, "--out", o / "dpo"], True,
+         ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8], ["--lr", 1e-6]),
+        ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", "--baseline", o / "sft", "--reward", o / "reward",
+                                     "--data", d / "eval_prompts.jsonl", "--out", o / "eval"], True,
+         ["--n-prompts", 16, "--best-of", 2], []),
+        ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]
+
+
+def write_report(out, times, quick):
+    """out/report.md: the results table, the headline figures of each stage, the curves, the timings."""
+    o = Path(out)
+    lines = ["# RLHF on the tiny world: results", ""]
+    if quick:
+        lines += ["(a `--quick` run: every stage at a few-second size; the numbers mean nothing)", ""]
+    results = o / "eval" / "results.md"
+    if results.exists():
+        lines += ["## Evaluation on the held-out prompts", "", results.read_text().strip(), ""]
+    headline = [("pretrain", "eval/fact_accuracy", "facts right by greedy completion"),
+                ("sft", "eval/gold_reward_pretrain", "gold reward of the pretrained model (chat template)"),
+                ("sft", "eval/gold_reward", "gold reward of SFT samples"),
+                ("sft", "eval/gold_reward_ideal", "gold reward of the ideal answers"),
+                ("feedback", "feedback/agreement_gold", "labels that agree with the gold ranking"),
+                ("reward", "val/acc_label", "reward model: held-out accuracy vs the labels"),
+                ("reward", "reward/acc_gold", "reward model: held-out accuracy vs the gold ranking")]
+    rows = []
+    for stage, key, what in headline:
+        meta = o / stage / "meta.json"
+        if meta.exists():
+            value = json.loads(meta.read_text()).get("final", {}).get(key)
+            if isinstance(value, (int, float)):
+                rows.append(f"| {stage} | `{key}` | {value:.3f} | {what} |")
+    if rows:
+        lines += ["## Stage by stage", "", "| stage | metric | value | meaning |", "|---|---|---|---|", *rows, ""]
+    plots = sorted((o / "plots").glob("*.png"))
+    if plots:
+        lines += ["## Learning curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    lines += ["## Wall time per stage", "", "| stage | time |", "|---|---|"]
+    lines += [f"| {name} | {common.format_seconds(t)} |" for name, t in times.items()] + [""]
+    common.atomic_write_text(o / "report.md", "\n".join(lines))
+    return results.read_text() if results.exists() else ""
 
 
 if __name__ == "__main__":
     args = parser.parse_args()
     data = args.data or ("data" if args.out == "out" else str(Path(args.out) / "data"))
-    plan = stages(args.out, data, args.quick)
+    plan = stages(args.out, data)
     names = [name for name, *_ in plan]
     if args.start and args.start not in names:
         common.die(f"--from {args.start}: no such stage (stages: {', '.join(names)})")
@@ -55,14 +111,16 @@ if __name__ == "__main__":
 
     times = {}
     t_start = time.time()
-    for i, (name, script, stage_args, quick_args) in enumerate(plan):
+    for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
             continue
         cmd = [sys.executable, script, *map(str, stage_args)]
-        if name not in ("world", "tokenizer"):
+        if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device, "--kernels", args.kernels]
         if args.quick:
             cmd += list(map(str, quick_args))
+        if args.preset == "gpu":
+            cmd += list(map(str, gpu_args))
         print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
         t0 = time.time()
         result = subprocess.run(cmd)
@@ -72,7 +130,10 @@ if __name__ == "__main__":
                   f"`python pipeline.py --from {name}{' --quick' if args.quick else ''}`", file=sys.stderr)
             sys.exit(result.returncode)
 
-    print("\n=== done in " + common.format_seconds(time.time() - t_start))
+    table = write_report(args.out, times, args.quick)
+    print("\n" + table)
+    print("=== done in " + common.format_seconds(time.time() - t_start))
     for name, seconds in times.items():
         print(f"  {name:10s} {common.format_seconds(seconds):>7s}")
     print(f"checkpoints and metrics: {args.out}/<stage>/ (model.pt, meta.json, metrics.jsonl)")
+    print(f"plots: {args.out}/plots/*.png | results: {args.out}/eval/results.md | report: {args.out}/report.md")
