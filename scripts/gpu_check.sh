@@ -8,7 +8,10 @@
 #
 # 1. installs Liger-Kernel from wheels/liger_kernel-*.whl if one is there (never the network),
 # 2. runs the kernel tests natively on the GPU,
-# 3. runs the benchmark, writing $OUT/bench.md and $OUT/bench.json.
+# 3. runs the benchmark, writing $OUT/bench.md and $OUT/bench.json,
+# 4. runs the whole pipeline with the GPU preset (GPT-2-small size, bf16, kernels on) into
+#    $OUT/pipeline, with each stage's wall time and the results table (PIPELINE_TIMEOUT, default 420;
+#    SKIP_PIPELINE=1 skips it).
 # The full log is $OUT/gpu_check.log; the short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +43,19 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-420}" python kernels/bench.py --out "$OUT/bench.md" $BENCH_ARGS
   rc=$?; echo "bench exit status: $rc"; echo "bench=$rc" >>"$OUT/status.txt"
+
+  if [ -z "${SKIP_PIPELINE:-}" ]; then
+    echo "== pipeline (GPU preset)"
+    timeout "${PIPELINE_TIMEOUT:-420}" python pipeline.py --preset gpu --out "$OUT/pipeline" --data "$OUT/pipeline/data"
+    rc=$?; echo "pipeline exit status: $rc"; echo "pipeline=$rc" >>"$OUT/status.txt"
+  fi
 } 2>&1 | tee "$LOG"
 
 echo
 echo "== short table ($OUT/bench.md; full log $LOG)"
 cat "$OUT/bench.md" 2>/dev/null || echo "no benchmark table: see $LOG"
+grep -A 12 "^=== done in" "$LOG" 2>/dev/null | head -14
+cat "$OUT/pipeline/eval/results.md" 2>/dev/null
 cat "$OUT/status.txt" 2>/dev/null
 # non-zero exit when the tests or the benchmark failed
 ! grep -qv '=0$' "$OUT/status.txt" 2>/dev/null
