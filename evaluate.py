@@ -47,8 +47,8 @@ g.add_argument("--data", default="data/eval_prompts.jsonl", help="held-out promp
 g.add_argument("--n-prompts", type=int, default=600, help="evaluate on the first N prompts")
 g.add_argument("--best-of", type=int, default=16, help="largest n of best-of-n (a power of 2; 0 = skip)")
 g = parser.add_argument_group("sampling")
-g.add_argument("--max-new-tokens", type=int, default=32)
-g.add_argument("--temperature", type=float, default=0.7, help="the same for every model (PPO samples at 0.7)")
+g.add_argument("--max-new-tokens", type=int, default=48, help="as sft.py and feedback.py sample")
+g.add_argument("--temperature", type=float, default=1.0, help="the same for every model (and as PPO samples)")
 g.add_argument("--batch-size", type=int, default=200, help="sequences per forward pass")
 g = parser.add_argument_group("common")
 g.add_argument("--out", default="out/eval", help="folder for results.json and results.md")
@@ -163,6 +163,8 @@ if __name__ == "__main__":
     world = load_world(Path(args.data).parent)
     if world is None:
         print(f"note: {args.data} was not written by world.py: no gold judge, gold reward and win rate are skipped")
+    for path in args.models:  # every checkpoint checked before any sampling starts
+        common.load_meta(path, ("pretrain", "sft", "ppo", "dpo"), flag="model")
     baseline, enc, _ = common.load_policy(args.baseline, device, flag="--baseline")
     reward_model, _, _ = common.load_scalar_model(args.reward, device)
     common.encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)
@@ -174,7 +176,9 @@ if __name__ == "__main__":
     base_responses = sample(baseline, enc, prompts, args, device, args.seed)
     base_gold = gold_of(base_responses)
     results = []
-    for path in args.models:
+    names = [Path(p).name for p in args.models]
+    names = names if len(set(names)) == len(names) else args.models  # runs/a/ppo and runs/b/ppo: full paths
+    for path, name in zip(args.models, names):
         if Path(path).resolve() == Path(args.baseline).resolve():
             model, responses = baseline, base_responses  # the baseline against itself: KL 0, win rate 1/2
         else:
@@ -185,8 +189,10 @@ if __name__ == "__main__":
         kl = (sequence_logprobs(model, enc, prompts, responses, device, args.temperature, args.batch_size)
               - sequence_logprobs(baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
         proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
-        results.append(evaluate_model(Path(path).name, rows, responses, world, base_gold, kl.mean().item(), proxy))
-        print(f"  {results[-1]['name']}: gold {results[-1]['gold_reward']} | KL {kl.mean().item():.2f}")
+        results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
+        gold = results[-1]["gold_reward"]
+        print(f"  {name}: " + (f"gold {gold:+.3f} | " if gold is not None else "")
+              + f"KL to baseline {kl.mean().item():.2f}")
 
     if args.best_of:
         # K answers per prompt from the baseline, in one go: prompt i's samples are rows i*K .. i*K + K - 1
@@ -205,7 +211,8 @@ if __name__ == "__main__":
     out = Path(args.out)
     common.atomic_write_json(out / "results.json", results)
     table = markdown_table(results)
-    common.atomic_write_text(out / "results.md", f"Evaluation on {len(rows)} prompts of {args.data} "
-                                                 f"(temperature {args.temperature}, baseline {args.baseline})\n\n{table}")
+    header = (f"Evaluation on {len(rows)} prompts of {args.data} "
+              f"(temperature {args.temperature}, baseline {args.baseline})")
+    common.atomic_write_text(out / "results.md", f"{header}\n\n{table}")
     print("\n" + table)
     print(f"wrote {out}/results.json and results.md")

@@ -30,14 +30,14 @@ Kept as there: reward on the last real token only, per-token KL penalty in the r
 default), the adaptive KL controller, temperature applied when scoring log-probs, whitened
 advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
 
-    python ppo.py                                   # CPU, the tiny world: a few minutes
-    python ppo.py --adaptive-kl --target-kl 4       # let the controller choose kl_coef
+    python ppo.py                                   # CPU, the tiny world: 60 steps, about 5 minutes
+    python ppo.py --adaptive-kl --target-kl 3       # let the controller choose kl_coef
+    python ppo.py --kl-coef 0.05 --steps 150        # too little leash: watch the reward model get fooled
     python ppo.py --device cuda --batch-size 256 --minibatch-size 64 --max-new-tokens 64   # one GPU
 """
 
 import argparse
 import contextlib
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,22 +58,24 @@ def penalty_value(s):
 
 
 parser = argparse.ArgumentParser(description="Stage 3: PPO against the reward model with a KL penalty to SFT")
-common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=150)
+common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=60)
 g = parser.add_argument_group("models")
 g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
 g = parser.add_argument_group("rollout")
 g.add_argument("--batch-size", type=int, default=64, help="prompts (episodes) per PPO step")
 g.add_argument("--max-new-tokens", type=int, default=32, help="longest response; longer ones are cut")
-g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, also applied when scoring log-probs")
+g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used to score log-probs")
 g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
-g.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient (the start value with --adaptive-kl)")
+# 0.3, not the usual 0.05-0.2: our reward model is easy to fool, and at 0.1 the gold reward peaks
+# after ~20 steps and is back below SFT by step 80 while the proxy score keeps rising.
+g.add_argument("--kl-coef", type=float, default=0.3, help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
                help="per-token KL: k1 = log ratio, k3 = r - 1 - log r, full = exact over the vocabulary")
 g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
-g.add_argument("--target-kl", type=float, default=6.0, help="target sequence KL (nats) of the adaptive controller")
-g.add_argument("--kl-horizon", type=int, default=10000, help="horizon (episodes) of the adaptive controller")
+g.add_argument("--target-kl", type=float, default=1.5, help="target sequence KL (nats) of the adaptive controller")
+g.add_argument("--kl-horizon", type=int, default=1000, help="horizon (episodes) of the adaptive controller")
 g.add_argument("--whiten-rewards", action="store_true", help="scale per-token rewards to unit variance")
 g = parser.add_argument_group("PPO")
 g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each batch of rollouts")
@@ -89,8 +91,8 @@ g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for eval/gold_reward")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically")
-g.add_argument("--eval-every", type=int, default=50, help="gold evaluation and checkpoint every N steps")
-g.add_argument("--sample-every", type=int, default=25, help="print a few samples every N steps")
+g.add_argument("--eval-every", type=int, default=20, help="gold evaluation and checkpoint every N steps")
+g.add_argument("--sample-every", type=int, default=20, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
 
 
@@ -342,6 +344,9 @@ if __name__ == "__main__":
         start, kl_coef = state["step"], state["kl_coef"]
         logger.truncate_after(start)
         print(f"resumed from {out} at step {start} (kl_coef {kl_coef:.4g})")
+        if start >= args.steps:
+            print(f"nothing to do: {out} is already at step {start} of {args.steps}")
+            raise SystemExit(0)
 
     def save(step, final=None):
         meta = {"stage": "ppo", "config": asdict(policy.config), "args": vars(args), "step": step,
@@ -353,8 +358,8 @@ if __name__ == "__main__":
         common.save_checkpoint(out, policy, meta, resume)
 
     # -- the loop --------------------------------------------------------------
-    show = ["objective/score", "objective/kl", "objective/kl_coef", "ppo/clipfrac", "value/explained_variance",
-            "response/length", "eval/gold_reward"]
+    show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
+        "ppo/clipfrac", "value/explained_variance", "response/length", "eval/gold_reward"]
     metrics = {}
     for step in range(start + 1, args.steps + 1):
         pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()

@@ -1,0 +1,319 @@
+"""PPO: the math against plain references, the plumbing invariants other RLHF code trips on, a
+learning check on a known rule, and short end-to-end runs (kernels torch vs triton, resume, bad input)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import ppo  # noqa: E402
+from model import GPT, GPTConfig, ScalarModel, left_pad  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and the CI machine may be shared
+END, PAD, V = 62, 63, 64
+
+
+def tiny_models(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=32, dropout=dropout)
+    policy = GPT(cfg)
+    ref = GPT(cfg)
+    ref.load_state_dict(policy.state_dict())
+    value, rm = ScalarModel(cfg), ScalarModel(cfg)  # random heads and trunks: any numbers will do
+    return policy, ref, value, rm
+
+
+def make_args(*extra):
+    return ppo.parser.parse_args(["--max-new-tokens", "6", "--minibatch-size", "4", "--ppo-epochs", "2", *extra])
+
+
+def random_prompts(n, generator, lo=1, hi=7):
+    lengths = torch.randint(lo, hi, (n,), generator=generator).tolist()
+    return left_pad([torch.randint(0, 60, (k,), generator=generator).tolist() for k in lengths], PAD)
+
+
+# -----------------------------------------------------------------------------
+# The math against plain references
+
+
+def test_gae_vectorised_equals_plain_loop_with_padding():
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 5, 7, 0.9, 0.8
+    lengths = [7, 1, 4, 6, 3]
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage on padding too: must be ignored
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist()
+        expected = [0.0] * n
+        for t in range(n):  # the definition: A_t = sum_k (gamma lam)^k delta_{t+k}
+            for k in range(t, n):
+                next_v = v[k + 1] if k + 1 < n else 0.0
+                expected[t] += (gamma * lam) ** (k - t) * (r[k] + gamma * next_v - v[k])
+        assert adv[b, :n].tolist() == pytest.approx(expected, abs=1e-12)
+        assert ret[b, :n].tolist() == pytest.approx([a + x for a, x in zip(expected, v)], abs=1e-12)
+        assert adv[b, n:].abs().sum() == 0 and ret[b, n:].abs().sum() == 0
+
+
+def test_whitening_and_means_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -7.0, -50.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    real = [1.0, 2.0, 3.0, 4.0, 5.0]
+    mean = sum(real) / 5
+    var = sum((v - mean) ** 2 for v in real) / 4  # unbiased
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(mean)
+    assert ppo.masked_var(x, mask).item() == pytest.approx(var)
+    w = ppo.whiten(x, mask, eps=0.0)
+    expected = [(v - mean) / math.sqrt(var) for v in real]
+    assert w[mask.bool()].tolist() == pytest.approx(expected)
+    assert w[~mask.bool()].abs().sum() == 0
+    x2 = x.clone()
+    x2[~mask.bool()] = 1e6  # other padding values: nothing changes
+    assert torch.equal(ppo.whiten(x2, mask, eps=0.0), w)
+    w = ppo.whiten(x, mask, shift_mean=False, eps=0.0)  # only rescaled
+    assert w[mask.bool()].tolist() == pytest.approx([(v - mean) / math.sqrt(var) + mean for v in real])
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.tensor([[math.log(0.5), math.log(0.1)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.3)]])
+    k1 = ppo.kl_per_token(logp, ref, "k1")
+    assert k1.tolist()[0] == pytest.approx([math.log(2), math.log(1 / 3)])
+    k3 = ppo.kl_per_token(logp, ref, "k3")  # r = ref/pi: r - 1 - log r
+    assert k3.tolist()[0] == pytest.approx([0.5 - 1 - math.log(0.5), 3 - 1 - math.log(3)])
+    # full: softmax(logits / T) of three tokens, the exact sum p (log p - log q)
+    logits, ref_logits, T = torch.tensor([[[1.0, 2.0, 0.5]]]), torch.tensor([[[0.0, 1.0, 3.0]]]), 2.0
+    p = [math.exp(a / T) for a in [1.0, 2.0, 0.5]]
+    q = [math.exp(a / T) for a in [0.0, 1.0, 3.0]]
+    p, q = [a / sum(p) for a in p], [a / sum(q) for a in q]
+    exact = sum(a * math.log(a / b) for a, b in zip(p, q))
+    full = ppo.kl_per_token(None, None, "full", logits, ref_logits, T)
+    assert full.item() == pytest.approx(exact, rel=1e-5)
+
+
+def test_adaptive_kl_controller_formula():
+    # KL above target: error clipped at +0.2; below: (5 / 6 - 1) = -1/6 unclipped
+    assert ppo.adaptive_kl_coef(0.1, 9.0, 6.0, 64, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 5.0, 6.0, 64, 10000) == pytest.approx(0.1 * (1 - (1 / 6) * 64 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 0.0, 6.0, 100, 100) == pytest.approx(0.1 * 0.8)
+
+
+def test_value_loss_by_hand():
+    vpred = torch.tensor([[1.0, 0.0, 5.0]])
+    values = torch.tensor([[0.5, 0.0, 9.0]])
+    returns = torch.tensor([[2.0, 1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # token 0: clipped pred 0.7 -> max((1-2)^2, (0.7-2)^2) = 1.69 (clipped); token 1: 1.0 either way
+    loss, clipfrac = ppo.value_loss(vpred, values, returns, mask, 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_rewards_carry_the_score_on_the_last_real_token_only():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards = ppo.compute_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, -0.1, -0.15 + 2.0, -0.2 - 1.0, 0.0, 0.0])
+
+
+def test_truncate_at_end_keeps_the_end_token_and_pads_after():
+    responses = torch.tensor([[5, END, 7, 8], [5, 6, 7, 8], [END, 1, 2, 3]])
+    out, mask, ended = ppo.truncate_at_end(responses, END, PAD)
+    assert out.tolist() == [[5, END, PAD, PAD], [5, 6, 7, 8], [END, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+# -----------------------------------------------------------------------------
+# Plumbing invariants of a real rollout
+
+
+def test_ratio_is_exactly_one_on_the_first_minibatch_of_the_first_epoch():
+    policy, ref, value, rm = tiny_models(dropout=0.1)  # dropout left on would break it
+    for estimator in ("k1", "full"):
+        args = make_args("--kl-estimator", estimator, "--temperature", "0.7")
+        q, m = random_prompts(12, torch.Generator().manual_seed(1))
+        batch = ppo.rollout(policy, ref, value, rm, q, m, args, 0.05, END, PAD, torch.Generator().manual_seed(2))
+        opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-2)
+        stats = ppo.ppo_update(policy, value, opt, batch, args, torch.Generator().manual_seed(3))
+        assert len(stats) == 2 * 3
+        assert stats[0]["ppo/ratio_mean"] == 1.0
+        assert stats[0]["ppo/approx_kl"] == 0.0 and stats[0]["ppo/clipfrac"] == 0.0
+        assert stats[0]["value/clipfrac"] == 0.0  # the value model has not moved either
+        assert any(s["ppo/ratio_mean"] != 1.0 for s in stats[1:])  # and then the policy did move
+
+
+def test_score_logprobs_and_penalty_sit_on_the_real_tokens_whatever_the_padding():
+    policy, ref, value, rm = tiny_models()
+    ref.transformer.h[0].mlp.c_fc.weight.data.mul_(3)  # a reference that differs: KL != 0
+    prompts = [[3, 4], [5, 6, 7, 8, 9], [10], [11, 12, 13]]
+    responses = torch.tensor([[20, 21, END, PAD, PAD], [22, END, PAD, PAD, PAD],
+                              [23, 24, 25, 26, END], [27, 28, 29, 30, 31]])  # the last never ends
+    policy.generate = lambda *a, **k: responses.clone()  # a fixed "sample"
+    T, penalty = 0.6, -3.0
+    args = make_args("--temperature", str(T), "--missing-end-penalty", str(penalty))
+    q, m = left_pad(prompts, PAD)
+    batch = ppo.rollout(policy, ref, value, rm, q, m, args, 0.1, END, PAD)
+    assert batch["ended"].tolist() == [True, True, True, False]
+    assert batch["mask"].sum(1).tolist() == [3, 2, 5, 5]
+    for b, (p, n) in enumerate(zip(prompts, [3, 2, 5, 5])):
+        seq = torch.tensor([p + responses[b, :n].tolist()])  # alone, no padding anywhere
+        expected = rm(seq, torch.ones_like(seq))[0, -1].item() if b < 3 else penalty
+        assert batch["scores"][b].item() == pytest.approx(expected, abs=1e-5)
+        # log-probs at the sampling temperature, in float64 by hand
+        logits = policy(seq, torch.ones_like(seq))[0, len(p) - 1 : -1].double()
+        ref_logits = ref(seq, torch.ones_like(seq))[0, len(p) - 1 : -1].double()
+        targets = seq[0, len(p):]
+        logp = torch.log_softmax(logits / T, -1).gather(1, targets[:, None])[:, 0]
+        ref_logp = torch.log_softmax(ref_logits / T, -1).gather(1, targets[:, None])[:, 0]
+        assert batch["logprobs"][b, :n].tolist() == pytest.approx(logp.tolist(), abs=1e-5)
+        kl = (logp - ref_logp).tolist()
+        expected_rewards = [-0.1 * k for k in kl]
+        expected_rewards[-1] += expected
+        assert batch["rewards"][b, :n].tolist() == pytest.approx(expected_rewards, abs=1e-5)
+        assert batch["rewards"][b, n:].abs().sum() == 0 and batch["advantages"][b, n:].abs().sum() == 0
+
+
+def test_sampling_and_scoring_use_the_same_temperature():
+    policy, ref, value, rm = tiny_models()
+    policy.transformer.ln_f.weight.data.fill_(3.0)  # top token: p 0.11 at T = 1, 0.49 at T = 0.5
+    T, N = 0.5, 3000
+    args = make_args("--temperature", str(T), "--max-new-tokens", "1")
+    q = torch.tensor([[7, 8, 9]] * N)
+    batch = ppo.rollout(policy, ref, value, rm, q, torch.ones_like(q), args, 0.0, END, PAD,
+                        torch.Generator().manual_seed(0))
+    tokens, logprobs = batch["responses"][:, 0], batch["logprobs"][:, 0]
+    logits = policy(q[:1], torch.ones_like(q[:1]))[0, -1].double()
+    p_at_1 = torch.softmax(logits, -1)
+    top = torch.bincount(tokens, minlength=V).argmax().item()
+    freq = (tokens == top).double().mean().item()
+    p_scored = logprobs[tokens == top][0].exp().item()  # what the rollout says the sampler's p was
+    assert abs(freq - p_scored) < 0.03  # the sampled frequency is the scored probability ...
+    assert abs(freq - p_at_1[top].item()) > 0.1  # ... and temperature 1 would be visibly wrong
+
+
+# -----------------------------------------------------------------------------
+# Learning: PPO must raise a simple known reward (and a sign error would lower it)
+
+
+class CountRule:
+    """A known reward instead of the reward model: the fraction of response tokens with id < 8."""
+
+    def __init__(self, context_length, sign=1.0):
+        self.P, self.sign = context_length, sign
+
+    def score(self, idx, mask):
+        r, m = idx[:, self.P:], mask[:, self.P:]
+        return self.sign * ((r < 8) * m).sum(1).float() / m.sum(1)
+
+
+def run_rule_ppo(sign, steps=20):
+    policy, ref, value, _ = tiny_models()
+    args = make_args("--max-new-tokens", "8", "--minibatch-size", "8", "--ppo-epochs", "4", "--lr", "3e-3",
+                     "--missing-end-penalty", "none")
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=args.lr, eps=1e-5)
+    g = torch.Generator().manual_seed(0)
+    good = []
+    for _ in range(steps):
+        q, m = random_prompts(32, g, 2, 6)
+        batch = ppo.rollout(policy, ref, value, CountRule(q.size(1), sign), q, m, args, 0.05, END, PAD, g)
+        ppo.ppo_update(policy, value, opt, batch, args, g)
+        good.append(batch["scores"].mean().item() * sign)
+    return sum(good[:3]) / 3, sum(good[-3:]) / 3
+
+
+def test_ppo_raises_a_known_rule_reward():
+    start, end = run_rule_ppo(+1.0)
+    assert start < 0.2 and end > start + 0.25, (start, end)  # ~1/8 of tokens at random, then well over
+    start, end = run_rule_ppo(-1.0)  # the same run maximising the opposite: the fraction must fall
+    assert end < start, (start, end)
+
+
+# -----------------------------------------------------------------------------
+# End to end: ppo.py as a user runs it, at a few-second size
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A tiny world, tokenizer, "SFT" policy (random) and reward model (ScalarModel of it)."""
+    import world
+    from tokenizer import save_tokenizer, train_bpe
+
+    d = tmp_path_factory.mktemp("ppo")
+    world.write_data(d / "data", seed=0, n_sft=10, n_prompts=32, n_eval=8, n_paragraphs=200)
+    save_tokenizer(train_bpe((d / "data" / "pretrain.txt").read_text(), 300), d / "tok")
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
+    gpt = GPT(cfg)
+    meta = {"stage": "sft", "config": asdict(cfg), "args": {}, "step": 0, "tokenizer": str(d / "tok"), "final": {}}
+    common.save_checkpoint(d / "sft", gpt, meta)
+    common.save_checkpoint(d / "reward", ScalarModel.from_gpt(gpt), {**meta, "stage": "reward"})
+    return d
+
+
+def run_ppo(d, out, *extra, env=None):
+    cmd = [sys.executable, str(ROOT / "ppo.py"), "--init", str(d / "sft"), "--reward", str(d / "reward"),
+           "--data", str(d / "data" / "prompts.jsonl"), "--eval-data", str(d / "data" / "eval_prompts.jsonl"),
+           "--out", str(out), "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "5",
+           "--ppo-epochs", "2", "--eval-prompts", "4", "--eval-every", "2", "--sample-every", "2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def metrics_without_time(path):
+    return [{k: v for k, v in row.items() if k != "time/elapsed_s"} for row in common.read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def straight(stages):
+    """Four steps in one go, with the reference (torch) kernels and the exact-KL estimator."""
+    result = run_ppo(stages, stages / "straight", "--steps", "4", "--kernels", "torch", "--kl-estimator", "full")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 4/4" in result.stdout and "score" in result.stdout
+    return metrics_without_time(stages / "straight" / "metrics.jsonl")
+
+
+def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
+    pytest.importorskip("triton")
+    result = run_ppo(stages, stages / "triton", "--steps", "2", "--kernels", "triton", "--kl-estimator", "full",
+                     env={"TRITON_INTERPRET": "1"})  # the Triton kernels on the CPU, through the interpreter
+    assert result.returncode == 0, result.stderr[-3000:]
+    triton_rows = metrics_without_time(stages / "triton" / "metrics.jsonl")
+    assert len(triton_rows) == 2
+    for a, b in zip(straight[:2], triton_rows):
+        assert a.keys() == b.keys()
+        for k in a:
+            # a clip fraction counts tokens: float noise may flip one of a minibatch's ~10 (0.025 on average)
+            tol = 0.05 if k.endswith("clipfrac") else 1e-4
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=tol), k
+
+
+def test_resume_continues_exactly_where_it_stopped(stages, straight):
+    first = run_ppo(stages, stages / "resumed", "--steps", "2", "--kernels", "torch", "--kl-estimator", "full")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_ppo(stages, stages / "resumed", "--steps", "4", "--kernels", "torch", "--kl-estimator", "full",
+                     "--resume")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert "eval/gold_reward" in straight[1] and "objective/kl" in straight[0]
+    assert metrics_without_time(stages / "resumed" / "metrics.jsonl") == straight
+    meta = json.loads((stages / "resumed" / "meta.json").read_text())
+    assert meta["stage"] == "ppo" and meta["step"] == 4 and "eval/gold_reward" in meta["final"]
+    common.load_policy(stages / "resumed", "cpu", expect_stage="ppo")  # a GPT that the next stage can load
+
+
+def test_a_reward_model_from_the_wrong_stage_stops_with_one_clear_line(stages):
+    result = run_ppo(stages, stages / "bad", "--steps", "1", "--reward", str(stages / "sft"))
+    assert result.returncode == 2
+    assert "--reward" in result.stderr and "expected reward" in result.stderr
+    assert not (stages / "bad" / "meta.json").exists()
