@@ -52,12 +52,13 @@ def stages(out, data):
          ["--steps", 5, "--batch-size", 8, "--eval-every", 5], ["--lr", 3e-5]),
         ("ppo", "ppo.py", ["--init", o / "sft", "--reward", o / "reward", "--data", d / "prompts.jsonl", *evals,
                            "--out", o / "ppo"], True,
-         ["--steps", 2, "--batch-size", 8, "--minibatch-size", 4, "--eval-every", 2, "--eval-prompts", 8], ["--lr", 1e-5]),
+         ["--steps", 2, "--batch-size", 8, "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 16,
+          "--eval-prompts", 16, "--eval-every", 2, "--sample-every", 2], ["--lr", 1e-5]),
         ("dpo", "dpo.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", *evals, "--out", o / "dpo"], True,
          ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8], ["--lr", 1e-6]),
         ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", "--baseline", o / "sft", "--reward", o / "reward",
                                      "--data", d / "eval_prompts.jsonl", "--out", o / "eval"], True,
-         ["--n-prompts", 16, "--best-of", 2], []),
+         ["--n-prompts", 32, "--best-of", 4, "--max-new-tokens", 16], []),
         ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]
 

@@ -18,7 +18,7 @@ assistant turn is the response and the user turn just before it the prompt; earl
 dropped), random batches instead of epochs, examples longer than the context skipped.
 
     python sft.py                                               # CPU, the tiny world, ~1-2 minutes
-    python sft.py --device cuda --batch-size 64 --eval-n 600    # one GPU
+    python sft.py --device cuda --batch-size 64 --eval-prompts 600    # one GPU
     python sft.py --data my_demos.jsonl --out out/sft_mine      # any chat JSONL (see load_sft)
 
 Data: JSONL with {"prompt","response"} per line, or {"messages":[{"role","content"},...]}.
@@ -50,8 +50,8 @@ g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=float, default=0.05, help="demonstrations held out for val/loss")
 g.add_argument("--eval-every", type=int, default=100, help="val/loss, samples and gold reward every N steps")
-g.add_argument("--eval-prompts", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
-g.add_argument("--eval-n", type=int, default=200, help="eval prompts judged periodically (all of them at the end)")
+g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
+g.add_argument("--eval-prompts", type=int, default=200, help="eval prompts judged periodically (all of them at the end)")
 g.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled response")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the evaluation")
 g.add_argument("--sample-batch-size", type=int, default=200, help="prompts per generation batch")
@@ -160,7 +160,7 @@ def gold_eval(model, enc, world, prompts, args, device, seed, prefix="eval/"):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "eval-n", "max-new-tokens",
+    common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "eval-prompts", "max-new-tokens",
                           "sample-batch-size")
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
@@ -169,14 +169,15 @@ if __name__ == "__main__":
     device, dtype = common.setup_device(args.device)
     common.seed_everything(args.seed)
 
-    # -- model: the pretrained GPT ---------------------------------------------
+    # -- data (read first: a bad line stops the run before anything is loaded) ----
+    rows = load_sft(args.data)
+
+    # -- model: the pretrained GPT, and the demonstrations in its tokens -------
     model, enc, init_meta = common.load_policy(args.init, device, expect_stage="pretrain")
     config = model.config
     pad_id = enc.eot_token
     print(f"model: {model.num_params() / 1e6:.2f}M parameters from {args.init} | {config}")
 
-    # -- data ------------------------------------------------------------------
-    rows = load_sft(args.data)
     examples, kept_rows = tokenize(enc, rows, config.block_size)
     if len(kept_rows) < len(rows):
         print(f"note: skipped {len(rows) - len(kept_rows)} demonstrations longer than the context "
@@ -193,17 +194,17 @@ if __name__ == "__main__":
           f"{n_resp / len(train_examples):.1f} response tokens each | "
           f"{args.steps * args.batch_size / len(train_examples):.1f} epochs")
 
-    world = load_world(Path(args.eval_prompts).parent)
+    world = load_world(Path(args.eval_data).parent)
     if world is None:
-        print(f"note: no world.json beside {args.eval_prompts}: the gold-judge evaluation is skipped")
+        print(f"note: no world.json beside {args.eval_data}: the gold-judge evaluation is skipped")
         eval_prompts = []
     else:
-        eval_prompts = common.read_jsonl(args.eval_prompts, required=("prompt",), flag="--eval-prompts")
+        eval_prompts = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")
         for p in eval_prompts:  # gold_summary groups by family; the judge knows it from the text
             p.setdefault("family", world.parse(p["prompt"])[0])
         common.encode_prompts(enc, [p["prompt"] for p in eval_prompts], config.block_size - args.max_new_tokens,
-                              where=args.eval_prompts)  # a too-long prompt stops now, not after training
-        print(f"eval: gold reward of {min(args.eval_n, len(eval_prompts))} of {len(eval_prompts)} held-out prompts "
+                              where=args.eval_data)  # a too-long prompt stops now, not after training
+        print(f"eval: gold reward of {min(args.eval_prompts, len(eval_prompts))} of {len(eval_prompts)} held-out prompts "
               f"every {args.eval_every} steps, all of them at the end (temperature {args.temperature})")
 
     # -- optimizer, resume -----------------------------------------------------
@@ -219,6 +220,9 @@ if __name__ == "__main__":
         generator.set_state(state["generator"])
         common.set_rng_state(state["rng"])
         start = state["step"]
+        if start >= args.steps:
+            print(f"{out} already finished its {args.steps} steps: nothing to resume")
+            raise SystemExit(0)
         logger.truncate_after(start)
         print(f"resumed from {out} at step {start}")
 
@@ -247,12 +251,13 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
         metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
                    "samples": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
             metrics["val/loss"] = val_loss(model, val_examples, args.batch_size, pad_id, device, dtype)
             if eval_prompts:  # a subset during training, every held-out prompt at the last step
-                judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_n]
+                judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_prompts]
                 summary, samples = gold_eval(model, enc, world, judged, args, device, args.seed + 2)
                 metrics.update(summary)
         logger.log(step, metrics, show=["train/loss", "val/loss", "eval/gold_reward", "train/lr"])

@@ -1,0 +1,295 @@
+"""DPO: Direct Preference Optimization, the alternative to reward model + PPO (Rafailov et al. 2023).
+
+The policy starts from SFT and learns straight from the comparisons (prompt, chosen y_w, rejected
+y_l). Why no reward model and no sampling loop? The KL-regularised RL objective that PPO chases,
+max E[r] - beta * KL(pi || pi_ref), has a closed-form optimum pi*(y|x) = pi_ref(y|x) exp(r/beta) / Z(x).
+Read backwards, every policy defines a reward: r(x, y) = beta log pi(y|x)/pi_ref(y|x) + beta log Z(x).
+Put that in the Bradley-Terry likelihood of the labels, P(y_w > y_l) = sigmoid(r(y_w) - r(y_l)), and
+log Z(x) cancels: the reward model's loss becomes a loss on the policy itself,
+
+    loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))])
+
+so one supervised pass over the fixed pairs replaces reward.py + ppo.py. With --label-smoothing eps
+(the "conservative DPO" for noisy labels) each label is trusted with probability 1 - eps.
+
+What it gives up against RLHF with PPO:
+  - no on-policy exploration: it only sees the offline pairs, never its own new answers;
+  - it can drift on answers it never saw compared (nothing holds probability mass there);
+  - the KL to the reference is implicit (through beta), never measured or controlled in training:
+    we estimate it separately on the policy's own samples (eval/kl_to_sft).
+Simplified against the paper: the reference is simply the SFT model we start from (the paper first
+fine-tunes on the preferred answers when no SFT model exists), single-turn prompts, pairs longer
+than the context skipped, no gradient accumulation.
+
+    python dpo.py                                       # CPU: --init out/sft, out/feedback/preferences.jsonl
+    python dpo.py --device cuda --init out/sft_gpt2 --data hh.jsonl --batch-size 64 --lr 5e-6 --beta 0.1 \\
+        --steps 2000 --eval-prompts 0 --out out/dpo_gpt2   # one GPU, real data (no gold judge there)
+"""
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import kernels
+from model import left_pad
+from reward import load_preferences
+from tokenizer import encode_prompt, encode_response
+from world import load_world
+
+# -----------------------------------------------------------------------------
+# Config
+
+parser = argparse.ArgumentParser(description="DPO: preference optimisation without a reward model")
+common.add_common_args(parser, "dpo", init="out/sft", data="out/feedback/preferences.jsonl", steps=150)
+g = parser.add_argument_group("dpo")
+g.add_argument("--beta", type=float, default=0.1, help="strength of the implicit KL: reward = beta log pi/pi_ref")
+g.add_argument("--label-smoothing", type=float, default=0.0, help="eps: share of labels assumed flipped (cDPO)")
+g = parser.add_argument_group("optimisation")
+g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
+g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=int, default=10)
+g.add_argument("--weight-decay", type=float, default=0.0)
+g.add_argument("--grad-clip", type=float, default=1.0)
+g = parser.add_argument_group("evaluation")
+g.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts whose pairs are held out")
+g.add_argument("--eval-every", type=int, default=50, help="held-out loss, gold reward and KL every N steps")
+g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts ({'prompt'} JSONL)")
+g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to sample (0: no sampling)")
+g.add_argument("--max-new-tokens", type=int, default=32, help="longest evaluation sample (as evaluate.py)")
+g.add_argument("--temperature", type=float, default=0.7, help="of the evaluation samples and their log-probs (as evaluate.py)")
+
+
+# -----------------------------------------------------------------------------
+# Data: preference pairs (read by reward.py's load_preferences) -> token ids
+
+
+def tokenize_pairs(enc, pairs, block_size):
+    """(prompt_ids, chosen_ids, rejected_ids) per pair, in the chat template; pairs too long are skipped."""
+    out = []
+    for p in pairs:
+        prompt = encode_prompt(enc, p["prompt"])
+        chosen, rejected = encode_response(enc, p["chosen"]), encode_response(enc, p["rejected"])
+        if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
+            out.append((prompt, chosen, rejected))
+    return out
+
+
+def collate(prompts, responses, pad_id):
+    """Prompt + response token lists -> idx, attention_mask, response_mask, all (B, T), left-padded."""
+    idx, attention_mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    response_mask, _ = left_pad([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)
+    return idx, attention_mask, response_mask
+
+
+def collate_pairs(batch, pad_id):
+    """A batch of pairs as 2B rows: the B chosen answers, then the B rejected ones."""
+    prompts = [p for p, _, _ in batch]
+    return collate(prompts + prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], pad_id)
+
+
+def batch_indices(step, n, batch_size, seed):
+    """The pairs of step 1, 2, ...: epochs of a seeded shuffle, a pure function of step (resume for free)."""
+    first = (step - 1) * batch_size
+    epochs = range(first // n, (first + batch_size - 1) // n + 1)
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)) for e in epochs])
+    start = first - epochs[0] * n
+    return order[start : start + batch_size].tolist()
+
+
+# -----------------------------------------------------------------------------
+# The math
+
+
+def sequence_logprobs(model, idx, attention_mask, response_mask, temperature=1.0):
+    """Sum of log pi(token) over the response tokens only (the <|end|> token included), (B,).
+
+    idx, attention_mask, response_mask: (B, T); response_mask marks which tokens of idx are response.
+    The prompt and the padding are context, never scored.
+    """
+    logits = model(idx, attention_mask)[:, :-1]  # (B, T-1, V): the prediction of token t+1
+    logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)  # (B, T-1) float32
+    return (logp * response_mask[:, 1:].to(logp.dtype)).sum(dim=1)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """Per-pair DPO loss and the implicit rewards beta * (log pi - log pi_ref) of both answers (detached).
+
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+    loss = (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_logratios - rejected_logratios)  # (B,) the Bradley-Terry logit of the label
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def pair_accuracy(chosen_rewards, rejected_rewards):
+    """Share of pairs whose chosen answer has the higher implicit reward (ties, as at pi = pi_ref, count half)."""
+    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+
+
+@torch.no_grad()
+def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
+    """(chosen, rejected) log-probs of every pair, (N,) each: the reference's, computed once."""
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(data), batch_size):
+        idx, mask, resp = (t.to(device) for t in collate_pairs(data[i : i + batch_size], pad_id))
+        with common.autocast(device, dtype):
+            logps = sequence_logprobs(model, idx, mask, resp)
+        chosen.append(logps[: len(resp) // 2].float().cpu())
+        rejected.append(logps[len(resp) // 2 :].float().cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def evaluate_samples(policy, ref, enc, prompts, world, args, device, dtype):
+    """Gold reward of the policy's own samples, and sequence KL(pi || pi_ref) estimated on them."""
+    gen = torch.Generator(device).manual_seed(args.seed)  # the same random numbers at every evaluation
+    responses = common.sample_responses(policy, enc, [p["prompt"] for p in prompts], device, args.max_new_tokens,
+                                        args.temperature, generator=gen)
+    prompt_ids, kls = [encode_prompt(enc, p["prompt"]) for p in prompts], []
+    for i in range(0, len(prompts), 64):
+        rows = collate(prompt_ids[i : i + 64], [r["ids"] for r in responses[i : i + 64]], enc.eot_token)
+        idx, mask, resp = (t.to(device) for t in rows)
+        with common.autocast(device, dtype):
+            kls.append(sequence_logprobs(policy, idx, mask, resp, args.temperature)
+                       - sequence_logprobs(ref, idx, mask, resp, args.temperature))
+    out = {"eval/kl_to_sft": torch.cat(kls).mean().item()}
+    if world is not None:
+        out.update(common.gold_summary(world, prompts, responses))
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "steps", "batch-size", "lr", "beta", "eval-every", "max-new-tokens", "temperature")
+    if not 0 <= args.label_smoothing < 0.5:
+        common.die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    out = Path(args.out)
+    kernels.set_backend(args.kernels)
+    device, dtype = common.setup_device(args.device)
+    common.seed_everything(args.seed)
+
+    # -- models: the policy and the frozen reference both start as the SFT model ---------------
+    policy, enc, init_meta = common.load_policy(args.init, device, expect_stage=("sft", "pretrain"))
+    ref, _, _ = common.load_policy(args.init, device, expect_stage=("sft", "pretrain"))
+    ref.requires_grad_(False)
+    # Dropout off everywhere: it would make pi differ from pi_ref on identical weights, a fake reward.
+    policy.eval()
+    ref.eval()
+    if init_meta["stage"] != "sft":
+        print(f"note: --init {args.init} is a '{init_meta['stage']}' checkpoint, not SFT")
+    block_size = policy.config.block_size
+
+    # -- data: pairs split by prompt into train and held-out --------------------------------------
+    pairs = load_preferences(args.data)  # reward.py's loader: TRL and HH layouts, file:line errors
+    prompts = sorted({p["prompt"] for p in pairs})
+    random.Random(args.seed).shuffle(prompts)
+    val_prompts = set(prompts[: int(len(prompts) * args.val_fraction)])
+    train_pairs = [p for p in pairs if p["prompt"] not in val_prompts]
+    val_pairs = [p for p in pairs if p["prompt"] in val_prompts]
+    train_data, val_data = tokenize_pairs(enc, train_pairs, block_size), tokenize_pairs(enc, val_pairs, block_size)
+    n_train, n_skipped = len(train_data), len(pairs) - len(train_data) - len(val_data)
+    if n_train == 0:
+        common.die(f"--data {args.data}: no training pair fits the context of {block_size} tokens")
+    print(f"data: {len(pairs):,} pairs over {len(prompts):,} prompts | train {n_train:,}, held out {len(val_data):,} "
+          f"| {args.batch_size} pairs/step = {args.steps * args.batch_size / n_train:.2f} epochs"
+          + (f" | {n_skipped} pairs longer than block_size {block_size} skipped" if n_skipped else ""))
+
+    eval_prompts, world = [], None
+    if args.eval_prompts > 0:
+        eval_prompts = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
+        common.encode_prompts(enc, [p["prompt"] for p in eval_prompts], block_size - args.max_new_tokens, args.eval_data)
+        world = load_world(Path(args.eval_data).parent)
+        if world is None:
+            print(f"note: {args.eval_data} was not written by world.py: no gold judge, only eval/kl_to_sft")
+    pad_id = enc.eot_token
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    start = 0
+    if args.resume and (out / "resume.pt").exists():
+        state = torch.load(out / "resume.pt", weights_only=False)
+        if state["n_train"] != n_train:
+            common.die(f"--resume: {out} was trained on {state['n_train']} pairs, --data gives {n_train}")
+        policy.load_state_dict(common.load_state_dict(out, device))
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        ref_logps, start = state["ref_logps"], state["step"]
+        logger.truncate_after(start)
+        print(f"resumed from {out} at step {start}")
+    else:
+        # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
+        ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
+                     "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
+        print(f"reference log-probs of {2 * (n_train + len(val_data)):,} answers computed "
+              f"(mean chosen {ref_logps['train'][0].mean():.2f}, rejected {ref_logps['train'][1].mean():.2f})")
+
+    @torch.no_grad()
+    def evaluate(step):
+        metrics = {}
+        if val_data:
+            chosen, rejected = all_sequence_logprobs(policy, val_data, pad_id, device, dtype)
+            losses, cr, rr = dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing)
+            metrics.update({"val/loss": losses.mean().item(), "val/accuracy": pair_accuracy(cr, rr).item()})
+        if eval_prompts:
+            metrics.update(evaluate_samples(policy, ref, enc, eval_prompts, world, args, device, dtype))
+        return metrics
+
+    def save(step, final=None):
+        meta = {"stage": "dpo", "config": init_meta["config"], "args": vars(args), "step": step,
+                "tokenizer": init_meta["tokenizer"], "init": args.init, "final": final or {}}
+        resume = {"optimizer": optimizer.state_dict(), "rng": common.rng_state(), "step": step,
+                  "ref_logps": ref_logps, "n_train": n_train}
+        common.save_checkpoint(out, policy, meta, resume)
+
+    # -- the loop ----------------------------------------------------------------------------
+    show = ["dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"]
+    if start == 0:  # step 0: the SFT model itself, the start of every curve
+        logger.log(0, {"pairs": 0, **evaluate(0)}, show=show)
+    metrics = {}
+    for step in range(start + 1, args.steps + 1):
+        lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = batch_indices(step, n_train, args.batch_size, args.seed)
+        idx, mask, resp = (t.to(device) for t in collate_pairs([train_data[i] for i in ids], pad_id))
+        with common.autocast(device, dtype):
+            logps = sequence_logprobs(policy, idx, mask, resp)  # (2B,) chosen then rejected
+        chosen_logps, rejected_logps = logps[: len(ids)], logps[len(ids) :]
+        ref_chosen, ref_rejected = (x[ids].to(device) for x in ref_logps["train"])
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                                             args.beta, args.label_smoothing)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        optimizer.step()
+
+        metrics = {"dpo/loss": loss.item(), "dpo/accuracy": pair_accuracy(chosen_rewards, rejected_rewards).item(),
+                   "dpo/margin": (chosen_rewards - rejected_rewards).mean().item(),
+                   "dpo/chosen_reward": chosen_rewards.mean().item(), "dpo/rejected_reward": rejected_rewards.mean().item(),
+                   "dpo/chosen_logp": chosen_logps.mean().item(), "dpo/rejected_logp": rejected_logps.mean().item(),
+                   "train/lr": lr, "train/grad_norm": grad_norm.item(), "pairs": step * args.batch_size}
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics.update(evaluate(step))
+        logger.log(step, metrics, show=show)
+        if step % args.eval_every == 0 and step < args.steps:
+            save(step)
+
+    # -- final save -------------------------------------------------------------------------------
+    final = {k: v for k, v in metrics.items() if not k.startswith("train/")} or common.load_meta(out)["final"]
+    save(args.steps, final)
+    print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float) and "/" in k))
+    print(f"saved {out}/model.pt, meta.json, metrics.jsonl")

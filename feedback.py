@@ -1,0 +1,247 @@
+"""Stage 2a: human feedback. The SFT model answers each prompt K times; a labeller says which is better.
+
+This is the data RLHF learns from: not "the right answer" (we rarely have it) but comparisons,
+which people give more easily and more consistently. For each of --num-prompts prompts we sample
+--k responses from the SFT model, form every pair of them (K = 2: one pair; K = 4: six), drop
+pairs whose two texts are identical (nothing to compare), store them in pairs.jsonl, then ask:
+
+- `--labeler simulated` (default): the tiny world's simulated human, Bradley-Terry with
+  temperature --tau: P(a better than b) = sigmoid((gold(a) - gold(b)) / tau). With tau = 0.5 a
+  gold gap of 0.5 is labelled right only 73% of the time, so many labels are noisy, like real ones;
+  the labeller's agreement with the gold ranking is the ceiling a reward model is judged against.
+- `--labeler human`: you, in the terminal. Answer 1 or 2 (which response is better), s to skip,
+  q to quit. Every answer is saved at once; `--resume` later continues with the pairs not yet
+  answered (the pairs are fixed when pairs.jsonl is written, so they are the same ones).
+
+Output: out/feedback/preferences.jsonl, one {"prompt","chosen","rejected"} per label (TRL's
+layout, so reward.py and dpo.py read it like any preference data) plus "labeler", "family",
+"gold_chosen", "gold_rejected" and "pair_id"; skipped.jsonl (pairs a human skipped); pairs.jsonl;
+meta.json with the counts and the agreement with gold.
+
+Saving: the whole preferences file is rewritten atomically (common.atomic_write_jsonl) after
+every human answer, never appended in place: a crash or Ctrl-C mid-write leaves the previous
+complete file, not a half line, and at a human's pace (a few thousand short lines) rewriting
+costs nothing. Simulated labels take a second, so they are written once, at the end.
+
+Simplified against InstructGPT: pairs only (they ranked K = 4..9 responses at once), one label
+per pair, and labels on a fixed set of prompts rather than refreshed as the policy improves.
+
+    python feedback.py                                   # CPU, the tiny world: seconds
+    python feedback.py --labeler human --num-prompts 50 --out out/feedback_me   # label yourself
+    python feedback.py --labeler human --out out/feedback_me --resume           # later, go on
+    python feedback.py --device cuda --num-prompts 8000 --k 4                   # one GPU
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+import common
+import kernels
+from world import load_world
+
+# -----------------------------------------------------------------------------
+# Config
+
+parser = argparse.ArgumentParser(description="Stage 2a: sample K answers per prompt, ask a labeller which is better")
+common.add_common_args(parser, "feedback", init="out/sft", data="data/prompts.jsonl", steps=0)
+next(a for a in parser._actions if a.dest == "steps").help = "stop after N answers in this session (0: all pairs)"
+g = parser.add_argument_group("sampling")
+g.add_argument("--num-prompts", type=int, default=1500, help="prompts taken from the start of --data")
+g.add_argument("--k", type=int, default=2, help="responses per prompt; every pair of them is compared")
+g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the SFT model")
+g.add_argument("--max-new-tokens", type=int, default=48)
+g.add_argument("--sample-batch-size", type=int, default=256, help="sequences per generation batch")
+g = parser.add_argument_group("labelling")
+g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
+g.add_argument("--tau", type=float, default=0.5, help="simulated labeller's noise: Bradley-Terry temperature")
+
+
+# -----------------------------------------------------------------------------
+# Pairs: every two distinct responses to the same prompt
+
+
+def make_pairs(prompts, responses, k):
+    """prompts: [{"prompt", ...}]; responses: k sample dicts per prompt, in order. -> (pairs, n_identical)."""
+    pairs, identical = [], 0
+    for n, p in enumerate(prompts):
+        rs = responses[n * k : (n + 1) * k]
+        for i in range(k):
+            for j in range(i + 1, k):
+                if rs[i]["text"] == rs[j]["text"]:
+                    identical += 1  # the same text twice: a label would say nothing
+                    continue
+                pairs.append({"pair_id": len(pairs), "prompt": p["prompt"], "family": p.get("family"),
+                              "a": rs[i]["text"], "b": rs[j]["text"],
+                              "a_ended": rs[i]["ended"], "b_ended": rs[j]["ended"]})
+    return pairs, identical
+
+
+# -----------------------------------------------------------------------------
+# The two labellers. Each returns 1 (a is better), 2 (b is better), "s" (skip) or "q" (quit).
+
+
+def simulated_labeler(world, tau, seed):
+    def ask(pair):
+        # One generator per pair: a resumed or partial run labels each pair exactly as a full run would.
+        rng = random.Random(seed * 1_000_003 + pair["pair_id"])
+        return 1 if world.label(pair["prompt"], pair["a"], pair["b"], tau, rng) else 2
+    return ask
+
+
+def human_labeler(total):
+    """Shows the prompt and both responses; reads 1, 2, s or q with input() (EOF or Ctrl-C = q)."""
+    def ask(pair):
+        print(f"\n=== pair {pair['pair_id'] + 1} of {total} " + "=" * 40)
+        print(f"PROMPT: {pair['prompt']}")
+        for n, key in ((1, "a"), (2, "b")):
+            unfinished = "" if pair[f"{key}_ended"] else "   [ran out of tokens before <|end|>]"
+            print(f"  [{n}] {pair[key]}{unfinished}")
+        while True:
+            try:
+                answer = input("Which is better? 1 / 2, s = skip, q = quit: ").strip().lower()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return "q"
+            if answer in ("1", "2"):
+                return int(answer)
+            if answer in ("s", "q"):
+                return answer
+            print("  please type 1, 2, s or q")
+    return ask
+
+
+def preference(pair, choice, labeler, world):
+    """The stored label: TRL's {"prompt","chosen","rejected"} plus where it came from."""
+    chosen, rejected = (pair["a"], pair["b"]) if choice == 1 else (pair["b"], pair["a"])
+    row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "labeler": labeler,
+           "family": pair["family"], "pair_id": pair["pair_id"]}
+    if world is not None:
+        row["gold_chosen"] = world.gold_score(pair["prompt"], chosen)
+        row["gold_rejected"] = world.gold_score(pair["prompt"], rejected)
+    return row
+
+
+def agreement_with_gold(prefs):
+    """Labels vs the gold ranking, on pairs whose gold scores differ: the labeller's ceiling."""
+    decided = [r for r in prefs if "gold_chosen" in r and r["gold_chosen"] != r["gold_rejected"]]
+    contradictions = sum(r["gold_chosen"] < r["gold_rejected"] for r in decided)
+    agreement = 1 - contradictions / len(decided) if decided else float("nan")
+    return agreement, contradictions, len(decided)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau")
+    if args.k < 2:
+        common.die(f"--k must be at least 2 (a comparison needs two responses), got {args.k}")
+    if args.steps < 0:
+        common.die(f"--steps must be 0 (all pairs) or positive, got {args.steps}")
+    kernels.set_backend(args.kernels)  # unused here: sampling needs no per-token log-probs
+    out = Path(args.out)
+    pairs_path, prefs_path, skipped_path = out / "pairs.jsonl", out / "preferences.jsonl", out / "skipped.jsonl"
+    world = load_world(Path(args.data).parent)
+    if world is None:
+        if args.labeler == "simulated":
+            common.die(f"--labeler simulated needs the tiny world (world.json beside --data {args.data}); "
+                       f"use --labeler human for other prompts")
+        print(f"note: no world.json beside {args.data}: the labels get no gold scores")
+
+    # -- 1. the pairs: sampled once, then fixed ---------------------------------
+    prefs, skipped = [], []
+    if args.resume and pairs_path.exists():
+        pairs = common.read_jsonl(pairs_path, flag="--out")
+        if prefs_path.exists():
+            prefs = common.read_jsonl(prefs_path, flag="--out")
+        if skipped_path.exists():
+            skipped = common.read_jsonl(skipped_path, flag="--out")
+        meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+        n_identical, tokenizer = meta.get("counts", {}).get("identical", 0), meta.get("tokenizer")
+        print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
+    else:
+        if prefs_path.exists() and any(r.get("labeler") == "human" for r in common.read_jsonl(prefs_path, flag="--out")):
+            common.die(f"--out {out}: already holds human labels; pass --resume to continue them, or pick another --out")
+        prompts = common.read_jsonl(args.data, required=("prompt",))[: args.num_prompts]
+        device, dtype = common.setup_device(args.device)
+        common.seed_everything(args.seed)
+        model, enc, init_meta = common.load_policy(args.init, device, expect_stage=("sft", "ppo", "dpo", "pretrain"))
+        tokenizer = init_meta["tokenizer"]
+        if len(prompts) < args.num_prompts:
+            print(f"note: --data {args.data} has only {len(prompts)} prompts")
+        if world is not None:
+            for p in prompts:
+                p.setdefault("family", world.parse(p["prompt"])[0])
+        repeated = [p["prompt"] for p in prompts for _ in range(args.k)]  # K samples of each prompt, side by side
+        common.encode_prompts(enc, repeated, model.config.block_size - args.max_new_tokens, where=args.data)
+        print(f"sampling {args.k} responses to each of {len(prompts)} prompts from {args.init} "
+              f"(temperature {args.temperature}): {len(repeated)} samples, {len(prompts) * args.k * (args.k - 1) // 2} pairs")
+        generator = torch.Generator(device).manual_seed(args.seed)
+        n_steps = -(-len(repeated) // args.sample_batch_size)
+        logger = common.MetricsLogger(out / "metrics.jsonl", n_steps)
+        responses = []
+        for step in range(1, n_steps + 1):
+            chunk = repeated[(step - 1) * args.sample_batch_size : step * args.sample_batch_size]
+            new = common.sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
+                                          batch_size=args.sample_batch_size, generator=generator)
+            responses += new
+            metrics = {"samples": len(responses), "feedback/ended": sum(r["ended"] for r in new) / len(new),
+                       "feedback/length": sum(len(r["ids"]) for r in new) / len(new)}
+            if world is not None:
+                metrics["feedback/gold_mean"] = sum(world.gold_score(p, r["text"]) for p, r in zip(chunk, new)) / len(new)
+            logger.log(step, metrics)
+        pairs, n_identical = make_pairs(prompts, responses, args.k)
+        common.atomic_write_jsonl(pairs_path, pairs)
+        for stale in (prefs_path, skipped_path):  # a fresh run starts its labels over
+            if stale.exists():
+                stale.unlink()
+        print(f"wrote {pairs_path}: {len(pairs)} pairs ({n_identical} pairs of identical texts dropped)")
+    if not pairs:
+        common.die(f"{pairs_path}: no pairs to label (every pair of responses was identical)")
+
+    # -- 2. the labels ------------------------------------------------------------
+    done = {r["pair_id"] for r in prefs} | {r["pair_id"] for r in skipped}
+    todo = [p for p in pairs if p["pair_id"] not in done]
+    if args.steps:
+        todo = todo[: args.steps]
+    human = args.labeler == "human"
+    ask = human_labeler(len(pairs)) if human else simulated_labeler(world, args.tau, args.seed)
+    if human:
+        print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
+    for pair in todo:
+        choice = ask(pair)
+        if choice == "q":
+            break
+        if choice == "s":
+            skipped.append({"pair_id": pair["pair_id"]})
+        else:
+            prefs.append(preference(pair, choice, args.labeler, world))
+        if human:  # rewrite both files atomically after every answer: nothing is lost on a crash
+            common.atomic_write_jsonl(prefs_path, prefs)
+            common.atomic_write_jsonl(skipped_path, skipped)
+    common.atomic_write_jsonl(prefs_path, prefs)
+    common.atomic_write_jsonl(skipped_path, skipped)
+
+    # -- 3. counts and the labeller's agreement with gold ---------------------------
+    agreement, contradictions, n_decided = agreement_with_gold(prefs)
+    final = {"feedback/pairs": len(pairs), "feedback/labels": len(prefs), "feedback/skipped": len(skipped),
+             "feedback/identical": n_identical, "feedback/remaining": len(pairs) - len(prefs) - len(skipped)}
+    if world is not None:
+        final.update({"feedback/agreement_gold": agreement, "feedback/contradictions": contradictions,
+                      "feedback/gold_ties": len(prefs) - n_decided})
+        golds = [g for r in prefs for g in (r["gold_chosen"], r["gold_rejected"])]
+        if golds:
+            final["feedback/gold_mean"] = sum(golds) / len(golds)
+    meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
+            "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
+                                                 "identical": n_identical}, "final": final}
+    common.atomic_write_json(out / "meta.json", meta)
+    print(f"labels: {len(prefs)} of {len(pairs)} pairs ({len(skipped)} skipped, {final['feedback/remaining']} left)")
+    if world is not None and n_decided:
+        print(f"agreement with the gold ranking: {agreement:.3f} ({contradictions} of {n_decided} labels on pairs "
+              f"with different gold scores contradict it; {final['feedback/gold_ties']} pairs tie on gold)")
+    print(f"saved {prefs_path}, {skipped_path.name}, {pairs_path.name}, meta.json")

@@ -1,0 +1,319 @@
+"""Stage 2b: the reward model. A GPT with a scalar head learns to score responses like the labellers.
+
+The labels only say "a is better than b". Bradley-Terry turns that into a model of a score r:
+
+    P(chosen > rejected) = sigmoid(r(prompt, chosen) - r(prompt, rejected))
+    loss = -log sigmoid(r_chosen - r_rejected)        (bt_loss below, with F.logsigmoid)
+
+r is read at the last real token of <|user|> prompt <|assistant|> response <|end|>: the one
+position whose hidden state has seen the whole answer. Sequences are right-padded, so that
+position moves from row to row; model.ScalarModel.score finds it from the attention mask.
+
+The trunk starts as the SFT model (it already reads this world's language) and the head at small
+random weights. After training, the scores are shifted so the SFT samples in the feedback file
+average 0 (as Ziegler et al. 2019 and Stiennon et al. 2020 normalise their reward models): the
+offset is folded into the head's bias, so score() is already normalised, and kept in meta.json
+as "reward_offset". PPO then starts from a policy whose mean reward is about 0.
+
+How good is it? Against the noisy labels (val/acc_label) it cannot beat the labellers' own
+noise; against the gold ranking (reward/acc_gold, on held-out pairs whose gold scores differ) it
+can, because noise averages out over many labels: that is the figure that matters.
+
+Simplified against InstructGPT: pairs rather than K-way rankings, one epoch-free random sampling
+of pairs, the whole trunk fine-tuned, and a split by prompt text rather than by labeller.
+
+    python reward.py                                       # CPU, the tiny world, ~1-2 minutes
+    python reward.py --device cuda --batch-size 64         # one GPU
+    python reward.py --data hh_rlhf_train.jsonl --out out/reward_hh   # TRL or Anthropic HH layout
+
+Data: JSONL with {"prompt","chosen","rejected"} (TRL), or Anthropic HH's {"chosen","rejected"}
+where each is a whole conversation "\\n\\nHuman: ...\\n\\nAssistant: ...". For HH rows the shared
+prompt is everything before the LAST "\\n\\nAssistant:" (with its leading "\\n\\nHuman:" marker
+removed; earlier turns of a longer conversation stay in the prompt as plain text), and the
+response is what follows it; chosen and rejected must share that prompt.
+"""
+
+import argparse
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import kernels
+from model import ScalarModel
+from tokenizer import encode_prompt, encode_response
+
+# -----------------------------------------------------------------------------
+# Config
+
+parser = argparse.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
+common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=150)
+g = parser.add_argument_group("optimisation")
+g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
+g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=int, default=15)
+g.add_argument("--weight-decay", type=float, default=0.0)
+g.add_argument("--grad-clip", type=float, default=1.0)
+g = parser.add_argument_group("evaluation")
+g.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts whose pairs are held out")
+g.add_argument("--eval-every", type=int, default=50, help="held-out loss and accuracies every N steps")
+
+HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
+
+
+# -----------------------------------------------------------------------------
+# Data: preference pairs in the TRL layout or Anthropic HH's single-string layout
+
+
+def split_hh(text, where, field):
+    """ "\\n\\nHuman: q\\n\\nAssistant: a" -> (prompt "q", response "a"), split at the last "\\n\\nAssistant:"."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        common.die(f"{where}: field '{field}' has no {HH_ASSISTANT!r} turn (expected Anthropic HH's "
+                   f"\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    prompt = text[:cut].strip()
+    prompt = prompt.removeprefix(HH_HUMAN.strip()).strip()
+    return prompt, text[cut + len(HH_ASSISTANT):].strip()
+
+
+def load_preferences(path, flag="--data"):
+    """Preference pairs from JSONL -> [{"prompt","chosen","rejected", ...other fields kept}].
+
+    Each line is {"prompt","chosen","rejected"} (TRL), or {"chosen","rejected"} holding whole HH
+    conversations (the prompt is split off at the last "\\n\\nAssistant:"). Any problem stops with
+    file:line. dpo.py reads its data through this function too.
+    """
+    rows = common.read_jsonl(path, flag=flag)  # valid JSON objects, else file:line
+    linenos = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    out = []
+    for row, lineno in zip(rows, linenos):
+        where = f"{path}:{lineno}"
+        for key in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+            if key not in row:
+                common.die(f"{where}: missing field '{key}' (expected {{\"prompt\",\"chosen\",\"rejected\"}} "
+                           f"or HH's {{\"chosen\",\"rejected\"}})")
+            if not isinstance(row[key], str):
+                common.die(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+        if "prompt" not in row:
+            prompt, chosen = split_hh(row["chosen"], where, "chosen")
+            prompt_r, rejected = split_hh(row["rejected"], where, "rejected")
+            if prompt != prompt_r:
+                common.die(f"{where}: 'chosen' and 'rejected' do not share the conversation before their last "
+                           f"{HH_ASSISTANT!r}")
+            row = {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        out.append(row)
+    return out
+
+
+def tokenize_pairs(enc, rows, block_size):
+    """(chosen ids, rejected ids), each prompt + response + <|end|>; pairs that do not fit are skipped."""
+    pairs = []
+    for r in rows:
+        p = encode_prompt(enc, r["prompt"])
+        c, j = p + encode_response(enc, r["chosen"]), p + encode_response(enc, r["rejected"])
+        if max(len(c), len(j)) <= block_size:
+            pairs.append({"chosen": c, "rejected": j, "row": r})
+    return pairs
+
+
+def epoch_batches(pairs, batch_size, seed, group=8):
+    """One epoch of batches (lists of indices) with little padding, the same for the same seed.
+
+    Shuffle, cut into chunks of `group` batches, sort each chunk by length and split it: a batch
+    holds pairs of similar length (about half the padding of a random batch), and which pairs
+    meet in a batch stays random. The last partial batch is dropped.
+    """
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    length = lambda i: max(len(pairs[i]["chosen"]), len(pairs[i]["rejected"]))  # noqa: E731
+    batches = []
+    for start in range(0, len(perm), batch_size * group):
+        chunk = sorted(perm[start : start + batch_size * group], key=length)
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [batches[k] for k in order]
+
+
+def collate(seqs, pad_id):
+    """Right-pad token lists -> idx, attention_mask, both (N, T)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for n, s in enumerate(seqs):
+        idx[n, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[n, : len(s)] = 1
+    return idx, mask
+
+
+def score_pairs(model, pairs, pad_id, device):
+    """(B,) r_chosen and (B,) r_rejected: both halves in one forward pass of 2B right-padded rows."""
+    idx, mask = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    scores = model.score(idx.to(device), mask.to(device))  # (2B,), each read at its row's last real token
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def bt_loss(r_chosen, r_rejected):
+    """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected). logsigmoid never overflows."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, pairs, batch_size, pad_id, device):
+    """val/loss and val/acc_label on held-out pairs; with gold scores also reward/acc_gold and friends."""
+    model.eval()
+    rc, rr = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, j = score_pairs(model, pairs[i : i + batch_size], pad_id, device)
+        rc.append(c.float().cpu())
+        rr.append(j.float().cpu())
+    model.train()
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    out = {"val/loss": bt_loss(rc, rr).item(), "val/acc_label": (rc > rr).float().mean().item()}
+    rows = [p["row"] for p in pairs]
+    if all("gold_chosen" in r for r in rows):
+        gc = torch.tensor([r["gold_chosen"] for r in rows])
+        gr = torch.tensor([r["gold_rejected"] for r in rows])
+        differ = gc != gr
+        if differ.any():  # does the model rank the pair as the gold judge does (whatever the label said)?
+            out["reward/acc_gold"] = ((rc > rr) == (gc > gr))[differ].float().mean().item()
+            out["reward/label_acc_gold"] = ((gc > gr)[differ]).float().mean().item()  # the labellers' ceiling
+        scores, golds = torch.cat([rc, rr]), torch.cat([gc, gr])
+        out["reward/gold_corr"] = torch.corrcoef(torch.stack([scores, golds]))[0, 1].item()
+    return out
+
+
+@torch.no_grad()
+def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
+    """Mean score over every distinct (prompt, response) in the rows: the SFT samples' average reward."""
+    texts = sorted({(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")})
+    seqs = [s for s in (encode_prompt(enc, p) + encode_response(enc, t) for p, t in texts) if len(s) <= block_size]
+    model.eval()
+    total = 0.0
+    for i in range(0, len(seqs), 2 * batch_size):
+        idx, mask = collate(seqs[i : i + 2 * batch_size], pad_id)
+        total += model.score(idx.to(device), mask.to(device)).float().sum().item()
+    model.train()
+    return total / len(seqs), len(seqs)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "steps", "batch-size", "lr", "eval-every")
+    if not 0 < args.val_fraction < 1:
+        common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    kernels.set_backend(args.kernels)  # unused here: the reward model needs no per-token log-probs
+    out = Path(args.out)
+    device, dtype = common.setup_device(args.device)
+    common.seed_everything(args.seed)
+
+    # -- data ------------------------------------------------------------------
+    rows = load_preferences(args.data)  # read first: a bad line stops the run before anything is loaded
+
+    # -- model: the SFT trunk with a fresh scalar head -----------------------------
+    gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage="sft")
+    model = ScalarModel.from_gpt(gpt)
+    del gpt
+    config, pad_id = model.transformer.config, enc.eot_token
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, trunk from {args.init}")
+
+    pairs = tokenize_pairs(enc, rows, config.block_size)
+    if len(pairs) < len(rows):
+        print(f"note: skipped {len(rows) - len(pairs)} pairs longer than the context ({config.block_size} tokens)")
+    # Hold out whole prompts (all their pairs), so no held-out prompt was seen in training.
+    prompts = sorted({p["row"]["prompt"] for p in pairs})
+    random.Random(args.seed).shuffle(prompts)
+    val_prompts = set(prompts[: max(1, round(len(prompts) * args.val_fraction))])
+    train_pairs = [p for p in pairs if p["row"]["prompt"] not in val_prompts]
+    val_pairs = [p for p in pairs if p["row"]["prompt"] in val_prompts]
+    if not train_pairs or not val_pairs:
+        common.die(f"--data {args.data}: need pairs for both training and validation, got "
+                   f"{len(train_pairs)} and {len(val_pairs)} (from {len(prompts)} distinct prompts)")
+    print(f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs ({len(prompts)} distinct prompts) | "
+          f"{args.steps * args.batch_size / len(train_pairs):.1f} epochs")
+    n_batches, batches = len(train_pairs) // args.batch_size, {}
+    if n_batches == 0:
+        common.die(f"--batch-size {args.batch_size} is larger than the {len(train_pairs)} training pairs")
+
+    # -- optimizer, resume -----------------------------------------------------
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    start = 0
+    if args.resume and (out / "resume.pt").exists():
+        common.load_meta(out, "reward", "--out")
+        state = torch.load(out / "resume.pt", weights_only=False)
+        model.load_state_dict(common.load_state_dict(out, device))
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        start = state["step"]
+        if start >= args.steps:
+            print(f"{out} already finished its {args.steps} steps: nothing to resume")
+            raise SystemExit(0)
+        logger.truncate_after(start)
+        print(f"resumed from {out} at step {start}")
+
+    def save(step, final=None, offset=0.0):
+        meta = {"stage": "reward", "config": asdict(config), "args": vars(args), "step": step,
+                "tokenizer": init_meta["tokenizer"], "init": args.init, "reward_offset": offset, "final": final or {}}
+        resume = {"optimizer": optimizer.state_dict(), "rng": common.rng_state(), "step": step}
+        common.save_checkpoint(out, model, meta, resume)
+
+    # -- the loop --------------------------------------------------------------
+    model.train()
+    metrics = {}
+    for step in range(start + 1, args.steps + 1):
+        lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Step -> (epoch, batch): an epoch's batches follow from the seed, so a resumed run continues exactly.
+        epoch, k = divmod(step - 1, n_batches)
+        if epoch not in batches:
+            batches = {epoch: epoch_batches(train_pairs, args.batch_size, args.seed + 1000 * epoch)}
+        batch = batches[epoch][k]
+        with common.autocast(device, dtype):
+            r_chosen, r_rejected = score_pairs(model, [train_pairs[i] for i in batch], pad_id, device)  # (B,), (B,)
+        loss = bt_loss(r_chosen.float(), r_rejected.float())
+        if not torch.isfinite(loss):
+            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        metrics = {"reward/loss": loss.item(), "reward/accuracy": (r_chosen > r_rejected).float().mean().item(),
+                   "reward/margin": (r_chosen - r_rejected).mean().item(), "train/lr": lr,
+                   "train/grad_norm": grad_norm.item(), "pairs": step * args.batch_size}
+        if step % args.eval_every == 0 or step == args.steps:
+            with common.autocast(device, dtype):
+                metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
+        logger.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
+        if step % args.eval_every == 0 and step < args.steps:
+            save(step)
+
+    # -- normalise: the SFT samples of the feedback file score 0 on average ------------
+    with common.autocast(device, dtype):
+        offset, n_texts = mean_score(model, enc, rows, args.batch_size, pad_id, device, config.block_size)
+    with torch.no_grad():
+        model.head.bias -= offset  # score() = head(h) - offset from now on
+    with common.autocast(device, dtype):
+        check, _ = mean_score(model, enc, rows, args.batch_size, pad_id, device, config.block_size)
+    print(f"normalised: mean score over {n_texts} responses of {args.data} was {offset:+.4f}, now {check:+.2e} "
+          f"(offset folded into the head's bias)")
+
+    final = {k: v for k, v in metrics.items() if k not in ("train/lr", "pairs")}
+    save(args.steps, final, offset=offset)
+    if "reward/acc_gold" in final:
+        print(f"held-out accuracy: {final['reward/acc_gold']:.3f} against the gold ranking "
+              f"(labellers: {final['reward/label_acc_gold']:.3f}), {final['val/acc_label']:.3f} against the labels "
+              f"| reward-gold correlation {final['reward/gold_corr']:.3f}")
+    print(f"saved {out}/model.pt, meta.json, metrics.jsonl")

@@ -1,0 +1,256 @@
+"""Reward model: the Bradley-Terry loss by hand, the score read at the last real token through the
+batching code, both preference layouts and their error lines, a learning check, normalisation,
+resume, and the tiny chain pretrain -> sft -> feedback -> reward."""
+
+import json
+import math
+import os
+import random
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+from model import GPT, GPTConfig, ScalarModel  # noqa: E402
+from reward import bt_loss, collate, load_preferences, score_pairs  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def test_bt_loss_on_hand_computed_pairs():
+    r_chosen, r_rejected = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.0])
+    # -log sigmoid(m) = log(1 + e^-m) for margins m = 1, -1, 0
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1)) + math.log(2)) / 3
+    assert bt_loss(r_chosen, r_rejected).item() == pytest.approx(expected, rel=1e-6)
+    assert bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(0.31326169, rel=1e-6)
+
+
+def test_bt_loss_gradient_and_large_margins():
+    r_chosen = torch.tensor([0.3, -2.0], requires_grad=True)
+    r_rejected = torch.tensor([0.0, 1.0], requires_grad=True)
+    bt_loss(r_chosen, r_rejected).backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # d/dr_chosen of mean(-log sigmoid(m)) = -(1 - sigmoid(m)) / B, and the opposite for r_rejected
+    assert r_chosen.grad.tolist() == pytest.approx([-(1 - sig(0.3)) / 2, -(1 - sig(-3.0)) / 2], rel=1e-5)
+    assert r_rejected.grad.tolist() == pytest.approx([(1 - sig(0.3)) / 2, (1 - sig(-3.0)) / 2], rel=1e-5)
+    # logsigmoid: no overflow to inf or nan where a naive log(sigmoid(m)) would give log(0)
+    assert bt_loss(torch.tensor([-1000.0]), torch.tensor([0.0])).item() == pytest.approx(1000.0)
+    assert bt_loss(torch.tensor([1000.0]), torch.tensor([0.0])).item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# The score is read at the last real token, whatever the padding
+
+
+def test_score_pairs_reads_the_last_real_token_whatever_the_padding():
+    torch.manual_seed(0)
+    model = ScalarModel(GPTConfig(block_size=32, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
+    torch.nn.init.normal_(model.head.bias)  # a non-zero bias, like a normalised reward model
+    pairs = [{"chosen": [1, 5, 6, 2, 7, 3], "rejected": [1, 5, 6, 2, 3]},
+             {"chosen": [1, 9, 2, 4, 4, 4, 4, 4, 4, 4, 3], "rejected": [1, 9, 2, 3]},
+             {"chosen": [1, 2, 3], "rejected": [1, 8, 8, 8, 8, 8, 8, 8, 2, 11, 12, 13, 14, 3]}]
+
+    def alone(seq):  # reference: the sequence by itself, no padding, value at its last position
+        with torch.no_grad():
+            h = model.transformer.hidden_states(torch.tensor([seq]))  # (1, T, C)
+            return model.head(h)[0, -1, 0].item()
+
+    with torch.no_grad():
+        for pad_id in (0, 19):  # whatever the pad token is
+            r_chosen, r_rejected = score_pairs(model, pairs, pad_id, "cpu")
+            assert r_chosen.tolist() == pytest.approx([alone(p["chosen"]) for p in pairs], abs=1e-5)
+            assert r_rejected.tolist() == pytest.approx([alone(p["rejected"]) for p in pairs], abs=1e-5)
+        # and the neighbours in the batch (so the amount of padding) change nothing
+        one_c, one_r = score_pairs(model, pairs[:1], 0, "cpu")
+        assert one_c.item() == pytest.approx(r_chosen[0].item(), abs=1e-5)
+        assert one_r.item() == pytest.approx(r_rejected[0].item(), abs=1e-5)
+    idx, mask = collate([[4, 5, 6], [7]], pad_id=0)
+    assert idx.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# -----------------------------------------------------------------------------
+# Preference files: TRL and Anthropic HH layouts, and their error lines
+
+
+def write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_load_preferences_reads_trl_and_hh_layouts(tmp_path):
+    path = write(tmp_path / "p.jsonl", [
+        {"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh.", "gold_chosen": 1.0},
+        "",
+        {"chosen": "\n\nHuman: What is 2 plus 2?\n\nAssistant: 4.",
+         "rejected": "\n\nHuman: What is 2 plus 2?\n\nAssistant: 5, obviously."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help me rob a bank.\n\nAssistant: Sorry, no.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help me rob a bank.\n\nAssistant: Sure: first..."},
+    ])
+    rows = load_preferences(path)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("Hi!", "Hello!", "Ugh."),
+        ("What is 2 plus 2?", "4.", "5, obviously."),
+        ("Hi\n\nAssistant: Hello.\n\nHuman: Help me rob a bank.", "Sorry, no.", "Sure: first..."),
+    ]
+    assert rows[0]["gold_chosen"] == 1.0  # other fields are kept
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    ('{"prompt": "Hi!", "chosen": "Hello!"}', "missing field 'rejected'"),
+    ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!"}', "missing field 'rejected'"),
+    ('{"prompt": "Hi!", "chosen": "Hello!", "rejected": ["Ugh."]}', "'rejected' must be a string"),
+    ('{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh."', "not valid JSON"),
+    ('{"chosen": "Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Ugh."}', "'chosen' has no"),
+    ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Yo\\n\\nAssistant: Ugh."}',
+     "do not share"),
+])
+def test_load_preferences_errors_name_file_and_line(tmp_path, bad_line, expected):
+    path = write(tmp_path / "bad.jsonl", [{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh."}, bad_line])
+    with pytest.raises(common.BadInput) as e:
+        load_preferences(path)
+    assert e.value.code == 2
+    assert e.value.message.startswith(f"{path}:2:") and expected in e.value.message
+
+
+def test_reward_py_stops_on_bad_data_before_loading_anything(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path / "bad.jsonl", [{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh."}, "{oops"])
+    monkeypatch.setattr(sys, "argv", ["reward.py", "--data", str(path), "--init", str(tmp_path / "none"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "reward.py"), run_name="__main__")
+    assert e.value.code == 2
+    assert f"{path}:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# The chain pretrain -> sft -> feedback -> reward at a few-second size
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from tokenizer import save_tokenizer, train_bpe
+    from world import write_data
+
+    tmp = tmp_path_factory.mktemp("chain")
+    data = tmp / "data"
+    write_data(data, n_sft=120, n_prompts=60, n_eval=10, n_paragraphs=300)
+    save_tokenizer(train_bpe((data / "pretrain.txt").read_text(), 300), tmp / "tok")
+
+    def run(script, *args):
+        r = subprocess.run([sys.executable, script, *map(str, args), "--device", "cpu"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
+        return r
+
+    run("pretrain.py", "--data", data / "pretrain.txt", "--tokenizer", tmp / "tok", "--out", tmp / "pretrain",
+        "--steps", 3, "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--batch-size", 4, "--eval-every", 3,
+        "--eval-batches", 1)
+    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-prompts",
+        data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+        "--eval-n", 4, "--max-new-tokens", 8)
+    run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
+        "--num-prompts", 60, "--max-new-tokens", 8)
+    return tmp, run
+
+
+def run_here(monkeypatch, script, *args, stop_after=None):
+    """Run a stage in this process (runpy: no new interpreter to start). stop_after=N raises
+    KeyboardInterrupt right after step N is logged, as a Ctrl-C there would."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args), "--device", "cpu"])
+    if stop_after is not None:
+        log = common.MetricsLogger.log
+
+        def log_then_stop(self, step, metrics, show=None):
+            row = log(self, step, metrics, show)
+            if step == stop_after:
+                raise KeyboardInterrupt
+            return row
+        monkeypatch.setattr(common.MetricsLogger, "log", log_then_stop)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+
+
+def reward_args(tmp, out, *extra):
+    return ["reward.py", "--init", tmp / "sft", "--data", tmp / "feedback" / "preferences.jsonl", "--out", tmp / out,
+            "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--val-fraction", 0.25, *extra]
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]
+
+
+def test_chain_ends_with_a_normalised_reward_model(chain):
+    tmp, run = chain
+    run(*reward_args(tmp, "reward"))
+    for stage in ("pretrain", "sft", "feedback", "reward"):
+        assert json.loads((tmp / stage / "meta.json").read_text())["stage"] == stage
+    meta = json.loads((tmp / "reward" / "meta.json").read_text())
+    rows = common.read_metrics(tmp / "reward" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["pairs"] == 40
+    for key in ("reward/loss", "reward/accuracy", "reward/margin", "train/lr", "train/grad_norm"):
+        assert key in rows[0]
+    for key in ("val/loss", "val/acc_label", "reward/acc_gold", "reward/label_acc_gold", "reward/gold_corr"):
+        assert key in rows[1] and key in meta["final"]
+    assert 0 <= meta["final"]["reward/acc_gold"] <= 1
+    # Normalised: the feedback file's responses (the SFT samples) now score 0 on average,
+    # recomputed here one response at a time through the saved checkpoint.
+    model, enc, _ = common.load_scalar_model(tmp / "reward", "cpu")
+    from tokenizer import encode_prompt, encode_response
+    prefs = common.read_jsonl(tmp / "feedback" / "preferences.jsonl")
+    texts = {(r["prompt"], r[k]) for r in prefs for k in ("chosen", "rejected")}
+    with torch.no_grad():
+        scores = [model.score(torch.tensor([encode_prompt(enc, p) + encode_response(enc, t)]),
+                              torch.ones(1, len(encode_prompt(enc, p) + encode_response(enc, t)), dtype=torch.long)).item()
+                  for p, t in texts]
+    assert abs(sum(scores) / len(scores)) < 1e-4
+    assert meta["reward_offset"] != 0  # (the untrained head did not score them 0 by chance)
+
+
+def test_interrupted_reward_run_resumes_to_the_same_metrics(chain, monkeypatch, capsys):
+    tmp, run = chain
+    if not (tmp / "reward" / "metrics.jsonl").exists():
+        run(*reward_args(tmp, "reward"))  # the uninterrupted run, in its own process
+    with pytest.raises(KeyboardInterrupt):  # stopped after step 3 is logged; the last save was at step 2
+        run_here(monkeypatch, *reward_args(tmp, "r2"), stop_after=3)
+    assert json.loads((tmp / "r2" / "meta.json").read_text())["step"] == 2
+    assert [r["step"] for r in common.read_metrics(tmp / "r2" / "metrics.jsonl")] == [1, 2, 3]
+    capsys.readouterr()
+    run_here(monkeypatch, *reward_args(tmp, "r2", "--resume"))
+    assert f"resumed from {tmp / 'r2'} at step 2" in capsys.readouterr().out
+    # step 3 is done again, not twice: the same rows as the run that was never interrupted
+    assert strip(common.read_metrics(tmp / "r2" / "metrics.jsonl")) == strip(common.read_metrics(tmp / "reward" / "metrics.jsonl"))
+    a, b = (json.loads((tmp / d / "meta.json").read_text()) for d in ("reward", "r2"))
+    assert a["reward_offset"] == b["reward_offset"] and a["final"] == b["final"]
+
+
+def test_reward_model_learns_a_preference_it_can_see(chain, tmp_path, monkeypatch):
+    """Chosen = the ideal answer, rejected = the same with a rude opener: an easy rule, so held-out
+    accuracy must reach ~1; a loss with chosen and rejected swapped would drive it to ~0."""
+    tmp, run = chain
+    from world import World
+    world, rng = World(0), random.Random(1)
+    rows = []
+    for _ in range(120):
+        p = world.sample_prompt(rng)["prompt"]
+        ideal = world.ideal_response(p)
+        rows.append({"prompt": p, "chosen": ideal, "rejected": "Ugh. " + ideal, "gold_chosen": 1.5, "gold_rejected": 0.5})
+    common.atomic_write_jsonl(tmp_path / "easy.jsonl", rows)
+    run_here(monkeypatch, "reward.py", "--init", tmp / "sft", "--data", tmp_path / "easy.jsonl", "--out", tmp_path / "rm",
+        "--steps", 30, "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 3, "--eval-every", 30)
+    final = json.loads((tmp_path / "rm" / "meta.json").read_text())["final"]
+    assert final["val/acc_label"] >= 0.95 and final["reward/acc_gold"] >= 0.95
