@@ -51,7 +51,7 @@ common.add_common_args(parser, "feedback", init="out/sft", data="data/prompts.js
 next(a for a in parser._actions if a.dest == "steps").help = "stop after N answers in this session (0: all pairs)"
 g = parser.add_argument_group("sampling")
 g.add_argument("--num-prompts", type=int, default=1500, help="prompts taken from the start of --data")
-g.add_argument("--k", type=int, default=2, help="responses per prompt; every pair of them is compared")
+g.add_argument("--k", type=int, default=4, help="responses per prompt; every pair of them is compared")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the SFT model")
 g.add_argument("--max-new-tokens", type=int, default=48)
 g.add_argument("--sample-batch-size", type=int, default=256, help="sequences per generation batch")

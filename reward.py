@@ -19,10 +19,12 @@ How good is it? Against the noisy labels (val/acc_label) it cannot beat the labe
 noise; against the gold ranking (reward/acc_gold, on held-out pairs whose gold scores differ) it
 can, because noise averages out over many labels: that is the figure that matters.
 
-Simplified against InstructGPT: pairs rather than K-way rankings, one epoch-free random sampling
-of pairs, the whole trunk fine-tuned, and a split by prompt text rather than by labeller.
+Simplified against InstructGPT: the K responses of a prompt give C(K, 2) pairs that are trained
+as independent examples (InstructGPT keeps a prompt's comparisons in one batch element so they
+cannot overfit together), the whole trunk is fine-tuned, and the held-out split is by prompt
+text. Batches group pairs of similar length (epoch_batches): half the padding, same randomness.
 
-    python reward.py                                       # CPU, the tiny world, ~1-2 minutes
+    python reward.py                                       # CPU, the tiny world, ~2 minutes
     python reward.py --device cuda --batch-size 64         # one GPU
     python reward.py --data hh_rlhf_train.jsonl --out out/reward_hh   # TRL or Anthropic HH layout
 
@@ -50,16 +52,16 @@ from tokenizer import encode_prompt, encode_response
 # Config
 
 parser = argparse.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
-common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=150)
+common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=300)
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
 g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=15)
+g.add_argument("--warmup-steps", type=int, default=20)
 g.add_argument("--weight-decay", type=float, default=0.0)
 g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts whose pairs are held out")
-g.add_argument("--eval-every", type=int, default=50, help="held-out loss and accuracies every N steps")
+g.add_argument("--eval-every", type=int, default=100, help="held-out loss and accuracies every N steps")
 
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
@@ -119,18 +121,17 @@ def tokenize_pairs(enc, rows, block_size):
     return pairs
 
 
-def epoch_batches(pairs, batch_size, seed, group=8):
+def epoch_batches(lengths, batch_size, seed, group=8):
     """One epoch of batches (lists of indices) with little padding, the same for the same seed.
 
     Shuffle, cut into chunks of `group` batches, sort each chunk by length and split it: a batch
-    holds pairs of similar length (about half the padding of a random batch), and which pairs
+    holds sequences of similar length (about half the padding of a random batch), and which ones
     meet in a batch stays random. The last partial batch is dropped.
     """
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    length = lambda i: max(len(pairs[i]["chosen"]), len(pairs[i]["rejected"]))  # noqa: E731
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = []
     for start in range(0, len(perm), batch_size * group):
-        chunk = sorted(perm[start : start + batch_size * group], key=length)
+        chunk = sorted(perm[start : start + batch_size * group], key=lambda i: lengths[i])
         batches += [chunk[k : k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     return [batches[k] for k in order]
@@ -197,6 +198,7 @@ def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
     """Mean score over every distinct (prompt, response) in the rows: the SFT samples' average reward."""
     texts = sorted({(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")})
     seqs = [s for s in (encode_prompt(enc, p) + encode_response(enc, t) for p, t in texts) if len(s) <= block_size]
+    seqs.sort(key=len)  # similar lengths side by side: little padding
     model.eval()
     total = 0.0
     for i in range(0, len(seqs), 2 * batch_size):
@@ -242,6 +244,7 @@ if __name__ == "__main__":
                    f"{len(train_pairs)} and {len(val_pairs)} (from {len(prompts)} distinct prompts)")
     print(f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs ({len(prompts)} distinct prompts) | "
           f"{args.steps * args.batch_size / len(train_pairs):.1f} epochs")
+    lengths = [max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
     n_batches, batches = len(train_pairs) // args.batch_size, {}
     if n_batches == 0:
         common.die(f"--batch-size {args.batch_size} is larger than the {len(train_pairs)} training pairs")
@@ -279,7 +282,7 @@ if __name__ == "__main__":
         # Step -> (epoch, batch): an epoch's batches follow from the seed, so a resumed run continues exactly.
         epoch, k = divmod(step - 1, n_batches)
         if epoch not in batches:
-            batches = {epoch: epoch_batches(train_pairs, args.batch_size, args.seed + 1000 * epoch)}
+            batches = {epoch: epoch_batches(lengths, args.batch_size, args.seed + 1000 * epoch)}
         batch = batches[epoch][k]
         with common.autocast(device, dtype):
             r_chosen, r_rejected = score_pairs(model, [train_pairs[i] for i in batch], pad_id, device)  # (B,), (B,)

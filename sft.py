@@ -15,7 +15,9 @@ pretrained model (with the chat template), the SFT model and the ideal responses
 
 Simplified against InstructGPT's SFT: one turn per example (for `messages` data, the last
 assistant turn is the response and the user turn just before it the prompt; earlier turns are
-dropped), random batches instead of epochs, examples longer than the context skipped.
+dropped), random batches rather than epochs, examples longer than the context skipped, and no
+packing of several examples into one sequence. (Grouping demonstrations of similar length into a
+batch, as reward.py does, halves the padding here too, but made the loss fall more slowly per step.)
 
     python sft.py                                               # CPU, the tiny world, ~1-2 minutes
     python sft.py --device cuda --batch-size 64 --eval-prompts 600    # one GPU
@@ -40,7 +42,7 @@ from world import load_world
 # Config
 
 parser = argparse.ArgumentParser(description="Stage 1: supervised fine-tuning on demonstrations")
-common.add_common_args(parser, "sft", init="out/pretrain", data="data/sft.jsonl", steps=300)
+common.add_common_args(parser, "sft", init="out/pretrain", data="data/sft.jsonl", steps=200)
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=int, default=32, help="demonstrations per step")
 g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -49,7 +51,7 @@ g.add_argument("--weight-decay", type=float, default=0.0)
 g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=float, default=0.05, help="demonstrations held out for val/loss")
-g.add_argument("--eval-every", type=int, default=100, help="val/loss, samples and gold reward every N steps")
+g.add_argument("--eval-every", type=int, default=50, help="val/loss, samples and gold reward every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
 g.add_argument("--eval-prompts", type=int, default=200, help="eval prompts judged periodically (all of them at the end)")
 g.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled response")
@@ -186,7 +188,7 @@ if __name__ == "__main__":
         common.die(f"--data {args.data}: need at least 2 demonstrations that fit the context, got {len(examples)}")
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = max(1, int(len(examples) * args.val_fraction))
-    val_examples = [examples[i] for i in perm[:n_val]]
+    val_examples = sorted((examples[i] for i in perm[:n_val]), key=lambda e: len(e[0]) + len(e[1]))  # little padding
     train_examples = [examples[i] for i in perm[n_val:]]
     val_prompts = [kept_rows[i]["prompt"] for i in perm[:n_val]]
     n_resp = sum(len(r) for _, r in train_examples)
@@ -209,7 +211,7 @@ if __name__ == "__main__":
 
     # -- optimizer, resume -----------------------------------------------------
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # which demonstrations each step sees
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
     start = 0
     if args.resume and (out / "resume.pt").exists():

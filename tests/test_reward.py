@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread onl
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
-from reward import bt_loss, collate, load_preferences, score_pairs  # noqa: E402
+from reward import bt_loss, collate, epoch_batches, load_preferences, score_pairs  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The loss
@@ -75,6 +75,23 @@ def test_score_pairs_reads_the_last_real_token_whatever_the_padding():
         assert one_r.item() == pytest.approx(r_rejected[0].item(), abs=1e-5)
     idx, mask = collate([[4, 5, 6], [7]], pad_id=0)
     assert idx.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_epoch_batches_use_each_pair_once_with_less_padding_and_depend_only_on_the_seed():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 70) for _ in range(1000)]
+    batches = epoch_batches(lengths, 32, seed=3)
+    flat = [i for b in batches for i in b]
+    # chunks of 8 batches (256): three full chunks and one of 232 -> 7 full batches, 8 left out
+    assert len(batches) == 31 and all(len(b) == 32 for b in batches) and len(set(flat)) == len(flat) == 992
+    padding = lambda bs: sum(32 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[k : k + 32] for k in range(0, 992, 32)]
+    assert padding(batches) < 0.5 * padding(random_batches)
+    maxima = [max(lengths[i] for i in b) for b in batches]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)  # batch order stays random
+    assert epoch_batches(lengths, 32, seed=3) == batches and epoch_batches(lengths, 32, seed=4) != batches
 
 
 # -----------------------------------------------------------------------------
@@ -155,9 +172,9 @@ def chain(tmp_path_factory):
     run("pretrain.py", "--data", data / "pretrain.txt", "--tokenizer", tmp / "tok", "--out", tmp / "pretrain",
         "--steps", 3, "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--batch-size", 4, "--eval-every", 3,
         "--eval-batches", 1)
-    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-prompts",
+    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-data",
         data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
-        "--eval-n", 4, "--max-new-tokens", 8)
+        "--eval-prompts", 4, "--max-new-tokens", 8)
     run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
         "--num-prompts", 60, "--max-new-tokens", 8)
     return tmp, run

@@ -190,9 +190,9 @@ def tiny(tmp_path_factory):
     common.atomic_write_json(tmp / "data" / "world.json", world.to_json())
 
     def args(out, *extra):
-        return ["sft.py", "--init", tmp / "pre", "--data", tmp / "data" / "sft.jsonl", "--eval-prompts",
+        return ["sft.py", "--init", tmp / "pre", "--data", tmp / "data" / "sft.jsonl", "--eval-data",
                 tmp / "data" / "eval_prompts.jsonl", "--out", tmp / out, "--steps", 6, "--batch-size", 16, "--lr",
-                1e-2, "--warmup-steps", 2, "--eval-every", 2, "--eval-n", 4, "--max-new-tokens", 8, "--device", "cpu",
+                1e-2, "--warmup-steps", 2, "--eval-every", 2, "--eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu",
                 *extra]
 
     def run(out, *extra):
