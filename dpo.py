@@ -59,8 +59,8 @@ g.add_argument("--val-fraction", type=float, default=0.05, help="share of prompt
 g.add_argument("--eval-every", type=int, default=25, help="held-out loss, gold reward and KL every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts ({'prompt'} JSONL)")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to sample (0: no sampling)")
-g.add_argument("--max-new-tokens", type=int, default=32, help="longest evaluation sample (as evaluate.py)")
-g.add_argument("--temperature", type=float, default=0.7, help="of the evaluation samples and their log-probs (as evaluate.py)")
+g.add_argument("--max-new-tokens", type=int, default=48, help="longest evaluation sample (as evaluate.py)")
+g.add_argument("--temperature", type=float, default=1.0, help="of the evaluation samples and their log-probs (as evaluate.py)")
 
 
 # -----------------------------------------------------------------------------
