@@ -9,7 +9,7 @@ log Z(x) cancels: the reward model's loss becomes a loss on the policy itself,
 
     loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))])
 
-so one supervised pass over the fixed pairs replaces reward.py + ppo.py. With --label-smoothing eps
+and plain supervised training on the fixed pairs replaces reward.py + ppo.py. With --label-smoothing eps
 (the "conservative DPO" for noisy labels) each label is trusted with probability 1 - eps.
 
 What it gives up against RLHF with PPO:
@@ -21,9 +21,10 @@ Simplified against the paper: the reference is simply the SFT model we start fro
 fine-tunes on the preferred answers when no SFT model exists), single-turn prompts, pairs longer
 than the context skipped, no gradient accumulation.
 
-    python dpo.py                                       # CPU: --init out/sft, out/feedback/preferences.jsonl
-    python dpo.py --device cuda --init out/sft_gpt2 --data hh.jsonl --batch-size 64 --lr 5e-6 --beta 0.1 \\
-        --steps 2000 --eval-prompts 0 --out out/dpo_gpt2   # one GPU, real data (no gold judge there)
+    python dpo.py                                # CPU, the tiny world: out/sft + out/feedback -> out/dpo, ~2 min
+    python dpo.py --device cuda --batch-size 64 --eval-prompts 600               # one GPU
+    python dpo.py --device cuda --init out/sft_gpt2 --data hh.jsonl --lr 5e-6 --beta 0.1 \\
+        --eval-prompts 0 --out out/dpo_hh          # real preference data (TRL or HH layout; no gold judge)
 """
 
 import argparse
@@ -235,7 +236,7 @@ if __name__ == "__main__":
               f"(mean chosen {ref_logps['train'][0].mean():.2f}, rejected {ref_logps['train'][1].mean():.2f})")
 
     @torch.no_grad()
-    def evaluate(step):
+    def evaluate():
         metrics = {}
         if val_data:
             chosen, rejected = all_sequence_logprobs(policy, val_data, pad_id, device, dtype)
@@ -255,7 +256,7 @@ if __name__ == "__main__":
     # -- the loop ----------------------------------------------------------------------------
     show = ["dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"]
     if start == 0:  # step 0: the SFT model itself, the start of every curve
-        logger.log(0, {"pairs": 0, **evaluate(0)}, show=show)
+        logger.log(0, {"pairs": 0, **evaluate()}, show=show)
     metrics = {}
     for step in range(start + 1, args.steps + 1):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
@@ -283,7 +284,7 @@ if __name__ == "__main__":
                    "dpo/chosen_logp": chosen_logps.mean().item(), "dpo/rejected_logp": rejected_logps.mean().item(),
                    "train/lr": lr, "train/grad_norm": grad_norm.item(), "pairs": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
-            metrics.update(evaluate(step))
+            metrics.update(evaluate())
         logger.log(step, metrics, show=show)
         if step % args.eval_every == 0 and step < args.steps:
             save(step)

@@ -238,7 +238,8 @@ if __name__ == "__main__":
     random.Random(args.seed).shuffle(prompts)
     val_prompts = set(prompts[: max(1, round(len(prompts) * args.val_fraction))])
     train_pairs = [p for p in pairs if p["row"]["prompt"] not in val_prompts]
-    val_pairs = [p for p in pairs if p["row"]["prompt"] in val_prompts]
+    val_pairs = sorted((p for p in pairs if p["row"]["prompt"] in val_prompts),  # by length: little padding
+                       key=lambda p: max(len(p["chosen"]), len(p["rejected"])))
     if not train_pairs or not val_pairs:
         common.die(f"--data {args.data}: need pairs for both training and validation, got "
                    f"{len(train_pairs)} and {len(val_pairs)} (from {len(prompts)} distinct prompts)")
