@@ -389,6 +389,70 @@ def sample_responses(model, enc, prompts, device, max_new_tokens=48, temperature
     return results
 
 
+def prompt_response_batch(enc, prompts, responses):
+    """Left-padded prompt + response ids (B, T), attention mask, and (B, T - 1) mask of the response targets."""
+    from model import left_pad
+    from tokenizer import encode_prompt
+
+    seqs = [encode_prompt(enc, p) + r["ids"] for p, r in zip(prompts, responses)]
+    idx, mask = left_pad(seqs, enc.eot_token)
+    T = idx.size(1)
+    lengths = torch.tensor([len(r["ids"]) for r in responses])
+    is_response = torch.arange(T)[None, :] >= T - lengths[:, None]  # each row ends with its response
+    return idx, mask, is_response[:, 1:]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, enc, prompts, responses, device, temperature=1.0, batch_size=200):
+    """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), at the sampling temperature."""
+    import kernels
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        idx, mask, targets = prompt_response_batch(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
+        idx, mask, targets = idx.to(device), mask.to(device), targets.to(device)
+        logits = model(idx, mask)[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+        logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)
+        out.append((logp * targets).sum(1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
+    """(N,) learned reward-model score of each answer (read at its last token)."""
+    reward_model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        idx, mask, _ = prompt_response_batch(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
+        out.append(reward_model.score(idx.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def policy_eval(policy, ref, enc, rows, device, max_new_tokens, temperature, seed, world=None, reward_model=None):
+    """The eval/* metrics of a policy during training, on its own samples of the held-out prompts.
+
+    The same seed at every call (common random numbers), so a curve's wiggles are the policy's, not
+    the sampler's. eval/kl_to_sft is the sequence KL(pi || pi_ref) estimated on these samples, as
+    evaluate.py computes it; eval/proxy_score is the reward model's score of them; eval/gold_* is the
+    gold judge's.
+    """
+    prompts = [r["prompt"] for r in rows]
+    responses = sample_responses(policy, enc, prompts, device, max_new_tokens, temperature,
+                                 generator=torch.Generator(device).manual_seed(seed))
+    kl = (sequence_logprobs(policy, enc, prompts, responses, device, temperature)
+          - sequence_logprobs(ref, enc, prompts, responses, device, temperature))
+    out = {"eval/kl_to_sft": kl.mean().item()}
+    if reward_model is not None:
+        out["eval/proxy_score"] = proxy_scores(reward_model, enc, prompts, responses, device).mean().item()
+    if world is not None:
+        out.update(gold_summary(world, rows, responses))
+    return out
+
+
 def gold_summary(world, prompts, responses, prefix="eval/"):
     """Mean gold reward with its standard error, plus the per-family figures the evaluation reports.
 

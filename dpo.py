@@ -149,25 +149,6 @@ def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
     return torch.cat(chosen), torch.cat(rejected)
 
 
-@torch.no_grad()
-def evaluate_samples(policy, ref, enc, prompts, world, args, device, dtype):
-    """Gold reward of the policy's own samples, and sequence KL(pi || pi_ref) estimated on them."""
-    gen = torch.Generator(device).manual_seed(args.seed)  # the same random numbers at every evaluation
-    responses = common.sample_responses(policy, enc, [p["prompt"] for p in prompts], device, args.max_new_tokens,
-                                        args.temperature, generator=gen)
-    prompt_ids, kls = [encode_prompt(enc, p["prompt"]) for p in prompts], []
-    for i in range(0, len(prompts), 64):
-        rows = collate(prompt_ids[i : i + 64], [r["ids"] for r in responses[i : i + 64]], enc.eot_token)
-        idx, mask, resp = (t.to(device) for t in rows)
-        with common.autocast(device, dtype):
-            kls.append(sequence_logprobs(policy, idx, mask, resp, args.temperature)
-                       - sequence_logprobs(ref, idx, mask, resp, args.temperature))
-    out = {"eval/kl_to_sft": torch.cat(kls).mean().item()}
-    if world is not None:
-        out.update(common.gold_summary(world, prompts, responses))
-    return out
-
-
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -243,7 +224,8 @@ if __name__ == "__main__":
             losses, cr, rr = dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing)
             metrics.update({"val/loss": losses.mean().item(), "val/accuracy": pair_accuracy(cr, rr).item()})
         if eval_prompts:
-            metrics.update(evaluate_samples(policy, ref, enc, eval_prompts, world, args, device, dtype))
+            metrics.update(common.policy_eval(policy, ref, enc, eval_prompts, device, args.max_new_tokens,
+                                              args.temperature, args.seed, world))
         return metrics
 
     def save(step, final=None):

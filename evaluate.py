@@ -34,8 +34,6 @@ import torch
 
 import common
 import kernels
-from model import left_pad
-from tokenizer import encode_prompt
 from world import load_world
 
 parser = argparse.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
@@ -76,41 +74,6 @@ def best_of_n(proxy, n):
 def best_of_n_kl(n):
     """KL(best-of-n || base) = log n - (n - 1) / n, in nats."""
     return math.log(n) - (n - 1) / n
-
-
-def _full_sequences(enc, prompts, responses):
-    """Left-padded prompt + response ids (B, T), mask, and (B, T - 1) mask of the response targets."""
-    seqs = [encode_prompt(enc, p) + r["ids"] for p, r in zip(prompts, responses)]
-    idx, mask = left_pad(seqs, enc.eot_token)
-    T = idx.size(1)
-    lengths = torch.tensor([len(r["ids"]) for r in responses])
-    is_response = torch.arange(T)[None, :] >= T - lengths[:, None]  # each row ends with its response
-    return idx, mask, is_response[:, 1:]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, enc, prompts, responses, device, temperature=1.0, batch_size=200):
-    """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), at the sampling temperature."""
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        idx, mask, targets = _full_sequences(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
-        idx, mask, targets = idx.to(device), mask.to(device), targets.to(device)
-        logits = model(idx, mask)[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
-        logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)
-        out.append((logp * targets).sum(1).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
-    """(N,) learned reward-model score of each answer (read at its last token)."""
-    reward_model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        idx, mask, _ = _full_sequences(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
-        out.append(reward_model.score(idx.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
 
 
 def sample(model, enc, prompts, args, device, seed):
@@ -186,9 +149,9 @@ if __name__ == "__main__":
             if model_enc.n_vocab != enc.n_vocab:
                 common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
             responses = sample(model, enc, prompts, args, device, args.seed)
-        kl = (sequence_logprobs(model, enc, prompts, responses, device, args.temperature, args.batch_size)
-              - sequence_logprobs(baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
-        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
+        kl = (common.sequence_logprobs(model, enc, prompts, responses, device, args.temperature, args.batch_size)
+              - common.sequence_logprobs(baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
+        proxy = common.proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
         results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
         gold = results[-1]["gold_reward"]
         print(f"  {name}: " + (f"gold {gold:+.3f} | " if gold is not None else "")
@@ -198,7 +161,7 @@ if __name__ == "__main__":
         # K answers per prompt from the baseline, in one go: prompt i's samples are rows i*K .. i*K + K - 1
         K = args.best_of
         many = sample(baseline, enc, [p for p in prompts for _ in range(K)], args, device, args.seed + 1)
-        proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
+        proxy = common.proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
                              args.batch_size).view(len(prompts), K)
         n = 1
         while n <= K:

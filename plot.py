@@ -79,9 +79,10 @@ PANELS = {
     ],
     "ppo": [
         ("Reward-model score", "score per answer", [("objective/score", "score"),
-                                                    ("objective/reward", "score - kl_coef * KL")]),
+                                                    ("objective/reward", "score - kl_coef * KL"),
+                                                    ("eval/proxy_score", "score, held out")]),
         GOLD,
-        ("KL to the SFT model", "nats/sequence", [("objective/kl", "KL")]),
+        ("KL to the SFT model", "nats/sequence", [("objective/kl", "KL"), ("eval/kl_to_sft", "KL, held out")]),
         ("KL coefficient", "kl_coef", [("objective/kl_coef", "kl_coef")]),
         ("Policy entropy", "nats/token", [("objective/entropy", "entropy")]),
         ("Clip fraction", "fraction of tokens", [("ppo/clipfrac", "policy"), ("value/clipfrac", "value")]),

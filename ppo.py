@@ -89,8 +89,8 @@ g.add_argument("--gamma", type=float, default=1.0, help="discount")
 g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
 g.add_argument("--grad-clip", type=float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for eval/gold_reward")
-g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically")
+g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the eval/* metrics")
+g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
 g.add_argument("--eval-every", type=int, default=20, help="gold evaluation and checkpoint every N steps")
 g.add_argument("--sample-every", type=int, default=20, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
@@ -277,15 +277,6 @@ def explained_variance(values, returns, mask):
     return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
 
 
-@torch.no_grad()
-def gold_eval(policy, enc, world, eval_rows, args, device):
-    """eval/* on the held-out prompts, sampled at the training temperature with a fixed seed."""
-    responses = common.sample_responses(policy, enc, [r["prompt"] for r in eval_rows], device, args.max_new_tokens,
-                                        temperature=args.temperature,
-                                        generator=torch.Generator(device).manual_seed(args.seed))
-    return common.gold_summary(world, eval_rows, responses)
-
-
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -302,10 +293,11 @@ if __name__ == "__main__":
 
     # -- data ------------------------------------------------------------------
     rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")
-    eval_rows = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
+    eval_rows = (common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
+                 if args.eval_prompts > 0 else [])
     world = load_world(Path(args.eval_data).parent)
     if world is None:
-        print(f"note: {args.eval_data} was not written by world.py: no gold judge, eval/* is skipped")
+        print(f"note: {args.eval_data} was not written by world.py: no gold judge, only eval/kl_to_sft and eval/proxy_score")
 
     # -- models: the policy and its frozen reference (both SFT), the reward model and the value model
     policy, enc, init_meta = common.load_policy(args.init, device)
@@ -360,6 +352,12 @@ if __name__ == "__main__":
     # -- the loop --------------------------------------------------------------
     show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
         "ppo/clipfrac", "value/explained_variance", "response/length", "eval/gold_reward"]
+    def evaluate():
+        return common.policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
+                                  args.seed, world, reward_model)
+
+    if start == 0 and eval_rows:  # step 0: the SFT model itself, the start of every eval/* curve
+        logger.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
     metrics = {}
     for step in range(start + 1, args.steps + 1):
         pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()
@@ -377,8 +375,8 @@ if __name__ == "__main__":
                    "response/length": mask.sum(1).float().mean().item(),
                    "response/no_end_rate": 1 - batch["ended"].float().mean().item(),
                    "episodes": step * args.batch_size}
-        if world is not None and (step % args.eval_every == 0 or step == args.steps):
-            metrics.update(gold_eval(policy, enc, world, eval_rows, args, device))
+        if eval_rows and (step % args.eval_every == 0 or step == args.steps):
+            metrics.update(evaluate())
         logger.log(step, metrics, show=show)
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.target_kl, args.batch_size,

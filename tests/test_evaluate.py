@@ -70,7 +70,7 @@ def test_sequence_logprobs_sum_the_response_tokens_at_the_temperature(stages):
     prompts = ["Hello!", "What is 3 plus 4?", "Where does the bob live?"]
     responses = [{"ids": [5, 6, 7]}, {"ids": [8]}, {"ids": [9, 10, 11, 12, 13]}]  # different lengths: padding
     T = 0.7
-    got = evaluate.sequence_logprobs(model, enc, prompts, responses, "cpu", temperature=T, batch_size=2)
+    got = common.sequence_logprobs(model, enc, prompts, responses, "cpu", temperature=T, batch_size=2)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids = encode_prompt(enc, p) + r["ids"]
         seq = torch.tensor([ids])
@@ -80,7 +80,7 @@ def test_sequence_logprobs_sum_the_response_tokens_at_the_temperature(stages):
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
     # and the proxy score is the reward model read at the last token of prompt + response
     rm, _, _ = common.load_scalar_model(d / "reward", "cpu")
-    scores = evaluate.proxy_scores(rm, enc, prompts, responses, "cpu", batch_size=2)
+    scores = common.proxy_scores(rm, enc, prompts, responses, "cpu", batch_size=2)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([encode_prompt(enc, p) + r["ids"]])
         assert scores[i].item() == pytest.approx(rm(seq, torch.ones_like(seq))[0, -1].item(), abs=1e-5)

@@ -289,8 +289,8 @@ def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
                      env={"TRITON_INTERPRET": "1"})  # the Triton kernels on the CPU, through the interpreter
     assert result.returncode == 0, result.stderr[-3000:]
     triton_rows = metrics_without_time(stages / "triton" / "metrics.jsonl")
-    assert len(triton_rows) == 2
-    for a, b in zip(straight[:2], triton_rows):
+    assert len(triton_rows) == 3  # steps 0, 1, 2
+    for a, b in zip(straight[:3], triton_rows):
         assert a.keys() == b.keys()
         for k in a:
             # a clip fraction counts tokens: float noise may flip one of a minibatch's ~10 (0.025 on average)
@@ -304,8 +304,9 @@ def test_resume_continues_exactly_where_it_stopped(stages, straight):
     second = run_ppo(stages, stages / "resumed", "--steps", "4", "--kernels", "torch", "--kl-estimator", "full",
                      "--resume")
     assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
-    assert [r["step"] for r in straight] == [1, 2, 3, 4]
-    assert "eval/gold_reward" in straight[1] and "objective/kl" in straight[0]
+    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]  # step 0: the SFT model's eval/* before any update
+    assert straight[0]["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "objective/kl" not in straight[0]
+    assert "eval/gold_reward" in straight[2] and "eval/proxy_score" in straight[2] and "objective/kl" in straight[1]
     assert metrics_without_time(stages / "resumed" / "metrics.jsonl") == straight
     meta = json.loads((stages / "resumed" / "meta.json").read_text())
     assert meta["stage"] == "ppo" and meta["step"] == 4 and "eval/gold_reward" in meta["final"]

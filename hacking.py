@@ -1,0 +1,285 @@
+"""Reward hacking made visible: push harder and harder on the learned reward model, watch the gold judge.
+
+The reward model is a proxy: trained on a few thousand noisy comparisons, it is right about the
+answers SFT writes and guesses about anything else. PPO goes looking for "anything else". Gao,
+Schulman & Hilton (2022, "Scaling Laws for Reward Model Overoptimization") measured what follows:
+plotted against d = sqrt(KL(pi || pi_sft)), the proxy score keeps rising while the gold score (the
+real humans' judgement, here world.gold_score) rises, peaks, and falls. The KL penalty is the
+leash that stops the policy before the fall; best-of-n sampling shows the same curve without any
+training (its KL is log n - (n - 1) / n).
+
+What this script does, on the tiny world (every PPO and DPO run is an ordinary ppo.py or dpo.py run,
+so its learning curves plot with plot.py; a finished run is reused, a partial one resumed):
+
+1. PPO at each --kl-coefs value, eval/* (gold, proxy, KL on held-out prompts) every --eval-every steps;
+2. best-of-n from SFT, n = 1, 2, 4, ... --best-of, scored the same way;
+3. DPO at each --dpo-betas value (its beta is the strength of the same KL leash);
+4. writes <out>/results.json, <out>/hacking.png (gold and proxy against sqrt KL), <out>/frontier.png
+   (gold against KL: the reward-KL frontier of PPO, DPO and best-of-n, as Rafailov et al. 2023
+   plot it) and <out>/samples.md (what the least-leashed policy says, with both scores, beside SFT);
+5. prints the verdict for the weakest leash: is its final gold score below its peak while its proxy
+   score is above what it was at that peak? That is reward hacking, measured.
+
+    python hacking.py                                      # CPU, after pipeline.py: about 40 minutes
+    python hacking.py --kl-coefs 0,0.3 --steps 100 --dpo-betas ""   # a quicker look
+    python hacking.py --device cuda --kl-coefs 0,0.01,0.03,0.1,0.3 --steps 400 --best-of 256
+"""
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+import common
+from evaluate import best_of_n, best_of_n_kl
+from world import load_world
+
+parser = argparse.ArgumentParser(description="Reward hacking: proxy and gold scores against KL to SFT")
+g = parser.add_argument_group("inputs (a finished pipeline.py run)")
+g.add_argument("--init", default="out/sft", help="the SFT model every run starts from")
+g.add_argument("--reward", default="out/reward", help="the learned reward model (the proxy)")
+g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
+g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
+g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
+g = parser.add_argument_group("the sweep")
+g.add_argument("--kl-coefs", default="0,0.03,0.3", help="comma-separated PPO kl_coef values (0: no leash)")
+g.add_argument("--steps", type=int, default=150, help="PPO steps per run")
+g.add_argument("--eval-every", type=int, default=10, help="PPO steps between held-out measurements")
+g.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per measurement")
+g.add_argument("--max-new-tokens", type=int, default=32, help="as ppo.py samples (every method alike)")
+g.add_argument("--best-of", type=int, default=64, help="largest n of best-of-n (a power of 2; 0 = skip)")
+g.add_argument("--dpo-betas", default="0.1,0.3,1", help="comma-separated DPO beta values (empty: no DPO)")
+g.add_argument("--dpo-steps", type=int, default=100)
+g.add_argument("--ppo-args", default="", help='more ppo.py flags for every PPO run, e.g. "--lr 5e-5 --batch-size 128"')
+g.add_argument("--dpo-args", default="", help="more dpo.py flags for every DPO run")
+g.add_argument("--show", type=int, default=8, help="samples of the least-leashed policy in samples.md")
+g = parser.add_argument_group("common")
+g.add_argument("--out", default="out/hacking", help="folder for the runs, results.json and the figures")
+g.add_argument("--seed", type=int, default=1337)
+g.add_argument("--device", default="auto")
+g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+
+
+def parse_floats(text, flag):
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        common.die(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.03,0.3")
+
+
+# -----------------------------------------------------------------------------
+# The measurement
+
+
+def curve(run_dir):
+    """The held-out measurements of one run: [{step, kl, gold, gold_se, proxy}], step 0 (SFT) first."""
+    points = []
+    for row in common.read_metrics(Path(run_dir) / "metrics.jsonl"):
+        if "eval/gold_reward" in row and "eval/kl_to_sft" in row:
+            points.append({"step": row["step"], "kl": row["eval/kl_to_sft"], "gold": row["eval/gold_reward"],
+                           "gold_se": row["eval/gold_reward_se"], "proxy": row.get("eval/proxy_score")})
+    return points
+
+
+def overoptimisation(points):
+    """Where the gold score peaked, and whether it then fell while the proxy kept above its peak-time value.
+
+    points: one run's curve in training order. Returns a dict with the peak and final points, the gold
+    drop from the peak (in units of its standard error) and `hacked`: gold fell by more than 2 s.e.
+    while the proxy ended higher than it was at the gold peak.
+    """
+    peak = max(points, key=lambda p: p["gold"])
+    last = points[-1]
+    drop = peak["gold"] - last["gold"]
+    se = math.hypot(peak["gold_se"], last["gold_se"]) or float("inf")
+    hacked = drop > 2 * se and last["proxy"] is not None and last["proxy"] > peak["proxy"]
+    return {"peak": peak, "last": last, "gold_drop": drop, "gold_drop_se": drop / se, "hacked": bool(hacked)}
+
+
+@torch.no_grad()
+def best_of_n_curve(args, device, world, rows):
+    """Best-of-n of the SFT model on the held-out prompts: one point per n, as a PPO curve's points."""
+    sft, enc, _ = common.load_policy(args.init, device)
+    reward_model, _, _ = common.load_scalar_model(args.reward, device)
+    K, prompts = args.best_of, [r["prompt"] for r in rows]
+    many_prompts = [p for p in prompts for _ in range(K)]  # prompt i's samples: rows i*K .. i*K + K - 1
+    print(f"best-of-n: {K} samples of each of {len(prompts)} held-out prompts from {args.init}")
+    many = common.sample_responses(sft, enc, many_prompts, device, args.max_new_tokens, temperature=1.0,
+                                   generator=torch.Generator(device).manual_seed(args.seed + 1))
+    proxy = common.proxy_scores(reward_model, enc, many_prompts, many, device).view(len(prompts), K)
+    points, n = [], 1
+    while n <= K:
+        pick = best_of_n(proxy, n).tolist()
+        chosen = [many[i * K + j]["text"] for i, j in enumerate(pick)]
+        summary = common.gold_summary(world, rows, chosen, prefix="")
+        points.append({"n": n, "kl": best_of_n_kl(n), "gold": summary["gold_reward"],
+                       "gold_se": summary["gold_reward_se"],
+                       "proxy": proxy.gather(1, torch.tensor(pick)[:, None]).mean().item()})
+        print(f"  best-of-{n}: gold {points[-1]['gold']:+.3f} | proxy {points[-1]['proxy']:+.3f} | "
+              f"KL {points[-1]['kl']:.2f}")
+        n *= 2
+    return points
+
+
+@torch.no_grad()
+def samples_markdown(args, device, world, rows, run_dir, name):
+    """The same held-out prompts answered by SFT and by a run's final policy, with proxy and gold scores."""
+    reward_model, enc, _ = common.load_scalar_model(args.reward, device)
+    rows = rows[: args.show]
+    prompts = [r["prompt"] for r in rows]
+    lines = [f"# What the policy says when it hacks the reward model ({name})", "",
+             "Each held-out prompt answered by the SFT model and by the final policy of the run, one sample each "
+             "(temperature 1, the same seed), with the learned reward model's score (proxy) and the gold judge's.", ""]
+    answers = {}
+    for label, path in (("SFT", args.init), (name, run_dir)):
+        model, _, _ = common.load_policy(path, device)
+        responses = common.sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=1.0,
+                                            generator=torch.Generator(device).manual_seed(args.seed))
+        answers[label] = (responses, common.proxy_scores(reward_model, enc, prompts, responses, device).tolist())
+    for i, prompt in enumerate(prompts):
+        lines += [f"**{prompt}**", ""]
+        for label, (responses, proxy) in answers.items():
+            text = responses[i]["text"] + ("" if responses[i]["ended"] else " [no end]")
+            lines.append(f"- {label}: `{text}` (proxy {proxy[i]:+.2f}, gold {world.gold_score(prompt, text):+.2f})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The figures
+
+
+def hacking_figure(ppo_curves, bon):
+    """Two panels against sqrt(KL): the gold score (left) and the proxy score (right)."""
+    fig = Figure(figsize=(11, 4.4), dpi=110, layout="constrained")
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for ax, key, title in zip(axes, ("gold", "proxy"), ("Gold score (the simulated humans)",
+                                                         "Proxy score (the learned reward model)")):
+        for i, (name, points) in enumerate(ppo_curves.items()):
+            xs = [math.sqrt(max(p["kl"], 0.0)) for p in points]
+            ax.plot(xs, [p[key] for p in points], color=f"C{i}", marker="o", markersize=3, linewidth=1.4, label=name)
+            if key == "gold":
+                ax.fill_between(xs, [p["gold"] - p["gold_se"] for p in points],
+                                [p["gold"] + p["gold_se"] for p in points], color=f"C{i}", alpha=0.15, linewidth=0)
+        if bon:
+            ax.plot([math.sqrt(p["kl"]) for p in bon], [p[key] for p in bon], color="k", linestyle="--", marker="s",
+                    markersize=3, linewidth=1.2, label="best-of-n (SFT)")
+        ax.set_title(title + (" (band ±1 s.e.)" if key == "gold" else ""), fontsize=10, fontweight="bold")
+        ax.set_xlabel("sqrt(KL to SFT)   (KL in nats per answer)")
+        ax.set_ylabel("score per answer")
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=8, frameon=False)
+    fig.suptitle("Reward hacking: optimising the proxy harder (weaker KL leash, later steps) "
+                 "moves right on these axes", fontsize=11)
+    return fig
+
+
+def frontier_figure(ppo_curves, dpo_curves, bon):
+    """Gold score against KL to SFT for every measured policy: the reward-KL frontier."""
+    fig = Figure(figsize=(7, 4.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, points) in enumerate(ppo_curves.items()):
+        ax.scatter([p["kl"] for p in points], [p["gold"] for p in points], color=f"C{i}", marker="o", s=14,
+                   label=f"PPO {name}")
+    for i, (name, points) in enumerate(dpo_curves.items()):
+        ax.scatter([p["kl"] for p in points], [p["gold"] for p in points], color=f"C{i + len(ppo_curves)}",
+                   marker="^", s=18, label=f"DPO {name}")
+    if bon:
+        ax.plot([p["kl"] for p in bon], [p["gold"] for p in bon], color="k", linestyle="--", marker="s",
+                markersize=3, linewidth=1.2, label="best-of-n (SFT)")
+    ax.set_title("Reward-KL frontier: gold score against KL to SFT\n(every held-out measurement of every run)",
+                 fontsize=10, fontweight="bold")
+    ax.set_xlabel("KL to SFT (nats per answer)")
+    ax.set_ylabel("gold score per answer")
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def save_figure(fig, path):
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a PNG
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    common.check_positive(args, "steps", "eval-every", "eval-prompts", "max-new-tokens", "dpo-steps")
+    if args.best_of < 0 or (args.best_of & (args.best_of - 1)):
+        common.die(f"--best-of must be 0 or a power of 2, got {args.best_of}")
+    kl_coefs = parse_floats(args.kl_coefs, "--kl-coefs")
+    betas = parse_floats(args.dpo_betas, "--dpo-betas")
+    if not kl_coefs:
+        common.die("--kl-coefs: give at least one value")
+    if any(c < 0 for c in kl_coefs) or any(b <= 0 for b in betas):
+        common.die("--kl-coefs must be >= 0 and --dpo-betas > 0")
+    world = load_world(Path(args.eval_data).parent)
+    if world is None:
+        common.die(f"--eval-data {args.eval_data}: not written by world.py; reward hacking needs the gold judge")
+    for flag, path in (("--init", args.init), ("--reward", args.reward)):
+        common.load_meta(path, ("sft",) if flag == "--init" else ("reward",), flag)
+    rows = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
+    out = Path(args.out)
+    device, _ = common.setup_device(args.device)
+    shared = ["--seed", str(args.seed), "--device", args.device, "--kernels", args.kernels, "--init", args.init,
+              "--eval-data", args.eval_data, "--eval-prompts", str(args.eval_prompts),
+              "--max-new-tokens", str(args.max_new_tokens)]
+
+    def train(script, run_dir, steps, extra):
+        """One ordinary stage run; reused when finished, resumed when interrupted."""
+        meta = run_dir / "meta.json"
+        if meta.exists() and json.loads(meta.read_text()).get("step") == steps:
+            print(f"=== {run_dir}: finished earlier, reused")
+            return
+        cmd = [sys.executable, script, *shared, *extra, "--steps", str(steps), "--out", str(run_dir)]
+        cmd += ["--resume"] * (run_dir / "resume.pt").exists()
+        print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            common.die(f"{script} failed for {run_dir}; fix it and run hacking.py again (finished runs are kept)")
+
+    ppo_curves, dpo_curves = {}, {}
+    for c in kl_coefs:
+        run_dir = out / f"ppo_kl{c:g}"
+        train("ppo.py", run_dir, args.steps, ["--reward", args.reward, "--data", args.data, "--kl-coef", str(c),
+                                              "--eval-every", str(args.eval_every), "--sample-every", str(args.steps),
+                                              *shlex.split(args.ppo_args)])
+        ppo_curves[f"kl_coef {c:g}"] = curve(run_dir)
+    for b in betas:
+        run_dir = out / f"dpo_beta{b:g}"
+        train("dpo.py", run_dir, args.dpo_steps, ["--data", args.preferences, "--beta", str(b),
+                                                  "--eval-every", str(max(1, args.dpo_steps // 4)),
+                                                  *shlex.split(args.dpo_args)])
+        dpo_curves[f"beta {b:g}"] = curve(run_dir)
+    bon = best_of_n_curve(args, device, world, rows) if args.best_of else []
+
+    # -- the verdict: the weakest leash is the one that should hack ----------------------------------
+    weakest = min(kl_coefs)
+    verdict = overoptimisation(ppo_curves[f"kl_coef {weakest:g}"])
+    peak, last = verdict["peak"], verdict["last"]
+    print(f"\nkl_coef {weakest:g}: gold peaked at step {peak['step']} ({peak['gold']:+.3f} ± {peak['gold_se']:.3f}, "
+          f"proxy {peak['proxy']:+.3f}, KL {peak['kl']:.2f}); at step {last['step']}: gold {last['gold']:+.3f} "
+          f"± {last['gold_se']:.3f}, proxy {last['proxy']:+.3f}, KL {last['kl']:.2f}")
+    print("reward hacking: " + ("YES, the proxy went up while the gold score fell "
+                                f"{verdict['gold_drop']:.3f} ({verdict['gold_drop_se']:.1f} s.e.) from its peak"
+                                if verdict["hacked"] else "not shown by this run (gold did not fall by > 2 s.e. "
+                                "from its peak while the proxy rose)"))
+
+    results = {"ppo": ppo_curves, "dpo": dpo_curves, "best_of_n": bon, "weakest_kl_coef": weakest, "verdict": verdict,
+               "args": vars(args)}
+    common.atomic_write_json(out / "results.json", results)
+    save_figure(hacking_figure(ppo_curves, bon), out / "hacking.png")
+    save_figure(frontier_figure(ppo_curves, dpo_curves, bon), out / "frontier.png")
+    common.atomic_write_text(out / "samples.md", samples_markdown(args, device, world, rows, out / f"ppo_kl{weakest:g}",
+                                                                  f"PPO, kl_coef {weakest:g}, step {args.steps}"))
+    print(f"wrote {out}/results.json and {out}/samples.md")
