@@ -38,7 +38,6 @@ policy improves.
 """
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -63,6 +62,7 @@ g.add_argument("--sample-batch-size", type=int, default=256, help="sequences per
 g = parser.add_argument_group("labelling")
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
 g.add_argument("--tau", type=float, default=0.5, help="simulated labeller's noise: Bradley-Terry temperature")
+g.add_argument("--save-every", type=int, default=500, help="simulated labels saved every N (a human's: every answer)")
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +142,8 @@ def agreement_with_gold(prefs):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau")
+    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau", "temperature",
+                          "save-every")
     if args.k < 2:
         common.die(f"--k must be at least 2 (a comparison needs two responses), got {args.k}")
     if args.steps < 0:
@@ -160,12 +161,13 @@ if __name__ == "__main__":
     # -- 1. the pairs: sampled once, then fixed ---------------------------------
     prefs, skipped = [], []
     if args.resume and pairs_path.exists():
+        # meta.json is written with pairs.jsonl, before any label (pairs made by hand may come without it)
+        meta = common.load_meta(out, "feedback", "--out") if (out / "meta.json").exists() else {}
         pairs = common.read_jsonl(pairs_path, flag="--out")
         if prefs_path.exists():
             prefs = common.read_jsonl(prefs_path, flag="--out")
         if skipped_path.exists():
             skipped = common.read_jsonl(skipped_path, flag="--out")
-        meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
         n_identical, tokenizer = meta.get("counts", {}).get("identical", 0), meta.get("tokenizer")
         print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
     else:
@@ -200,13 +202,25 @@ if __name__ == "__main__":
                 metrics["feedback/gold_mean"] = sum(world.gold_score(p, r["text"]) for p, r in zip(chunk, new)) / len(new)
             logger.log(step, metrics)
         pairs, n_identical = make_pairs(prompts, responses, args.k)
-        common.atomic_write_jsonl(pairs_path, pairs)
+        if not pairs:
+            common.die(f"--init {args.init}: no pairs to label (every pair of responses was identical)")
         for stale in (prefs_path, skipped_path):  # a fresh run starts its labels over
             if stale.exists():
                 stale.unlink()
+        common.atomic_write_jsonl(pairs_path, pairs)
         print(f"wrote {pairs_path}: {len(pairs)} pairs ({n_identical} pairs of identical texts dropped)")
-    if not pairs:
-        common.die(f"{pairs_path}: no pairs to label (every pair of responses was identical)")
+
+    def save(n_done=None, final=None):
+        """preferences.jsonl, skipped.jsonl and meta.json (so --resume knows the pairs), each rewritten atomically."""
+        common.atomic_write_jsonl(prefs_path, prefs)
+        common.atomic_write_jsonl(skipped_path, skipped)
+        meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
+                "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
+                                                     "identical": n_identical}, "final": final or {}}
+        common.atomic_write_json(out / "meta.json", meta)
+
+    if not args.resume or not (out / "meta.json").exists():
+        save()
 
     # -- 2. the labels ------------------------------------------------------------
     done = {r["pair_id"] for r in prefs} | {r["pair_id"] for r in skipped}
@@ -217,7 +231,9 @@ if __name__ == "__main__":
     ask = human_labeler(len(pairs)) if human else simulated_labeler(world, args.tau, args.seed)
     if human:
         print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
-    for pair in todo:
+    else:
+        common.catch_interrupt()  # (a human's Ctrl-C is read by input() as "q")
+    for n, pair in enumerate(todo, 1):
         choice = ask(pair)
         if choice == "q":
             break
@@ -225,11 +241,10 @@ if __name__ == "__main__":
             skipped.append({"pair_id": pair["pair_id"]})
         else:
             prefs.append(preference(pair, choice, args.labeler, world))
-        if human:  # rewrite both files atomically after every answer: nothing is lost on a crash
-            common.atomic_write_jsonl(prefs_path, prefs)
-            common.atomic_write_jsonl(skipped_path, skipped)
-    common.atomic_write_jsonl(prefs_path, prefs)
-    common.atomic_write_jsonl(skipped_path, skipped)
+        if human or n % args.save_every == 0:  # a human's answer is never lost; simulated ones are cheap to redo
+            save()
+        common.end_step(len(prefs) + len(skipped), len(pairs), save, out, hook="RLHF_KILL_AT_LABEL")
+    common.release_interrupt()
 
     # -- 3. counts and the labeller's agreement with gold ---------------------------
     agreement, contradictions, n_decided = agreement_with_gold(prefs)
@@ -241,10 +256,7 @@ if __name__ == "__main__":
         golds = [g for r in prefs for g in (r["gold_chosen"], r["gold_rejected"])]
         if golds:
             final["feedback/gold_mean"] = sum(golds) / len(golds)
-    meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
-            "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
-                                                 "identical": n_identical}, "final": final}
-    common.atomic_write_json(out / "meta.json", meta)
+    save(final=final)
     print(f"labels: {len(prefs)} of {len(pairs)} pairs ({len(skipped)} skipped, {final['feedback/remaining']} left)")
     if world is not None and n_decided:
         print(f"agreement with the gold ranking: {agreement:.3f} ({contradictions} of {n_decided} labels on pairs "
