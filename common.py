@@ -371,7 +371,7 @@ def read_metrics(path):
 # Input files
 
 
-def read_jsonl(path, required=(), flag="--data"):
+def read_jsonl(path, required=(), flag="--data", allow_empty=False):
     """Rows of a JSONL file; any problem stops with the file, the line and what was expected."""
     path = Path(path)
     if not path.exists():
@@ -393,7 +393,7 @@ def read_jsonl(path, required=(), flag="--data"):
                 if not isinstance(row[key], str):
                     die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         die(f"{path}: empty file (expected one JSON object per line)")
     return rows
 

@@ -165,13 +165,14 @@ if __name__ == "__main__":
         meta = common.load_meta(out, "feedback", "--out") if (out / "meta.json").exists() else {}
         pairs = common.read_jsonl(pairs_path, flag="--out")
         if prefs_path.exists():
-            prefs = common.read_jsonl(prefs_path, flag="--out")
+            prefs = common.read_jsonl(prefs_path, flag="--out", allow_empty=True)
         if skipped_path.exists():
-            skipped = common.read_jsonl(skipped_path, flag="--out")
+            skipped = common.read_jsonl(skipped_path, flag="--out", allow_empty=True)
         n_identical, tokenizer = meta.get("counts", {}).get("identical", 0), meta.get("tokenizer")
         print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
     else:
-        if prefs_path.exists() and any(r.get("labeler") == "human" for r in common.read_jsonl(prefs_path, flag="--out")):
+        labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
+        if any(r.get("labeler") == "human" for r in labelled):
             common.die(f"--out {out}: already holds human labels; pass --resume to continue them, or pick another --out")
         prompts = common.read_jsonl(args.data, required=("prompt",))[: args.num_prompts]
         device, dtype = common.setup_device(args.device)

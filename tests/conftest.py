@@ -96,3 +96,42 @@ def same_run():
             for k in wa:
                 assert torch.equal(wa[k], wb[k]), k
     return check
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """The tiny chain data -> tokenizer -> pretrain -> sft -> feedback at a few-second size, every
+    stage run as a user would (its own process). Returns (folder, run) with run(script, *args)."""
+    from tokenizer import save_tokenizer, train_bpe
+    from world import write_data
+
+    tmp = tmp_path_factory.mktemp("chain")
+    data = tmp / "data"
+    write_data(data, n_sft=120, n_prompts=60, n_eval=10, n_paragraphs=300)
+    save_tokenizer(train_bpe((data / "pretrain.txt").read_text(), 300), tmp / "tok")
+
+    def run(script, *args):
+        r = subprocess.run([sys.executable, script, *map(str, args), "--device", "cpu"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
+        return r
+
+    run(*pretrain_args(tmp, "pretrain"))
+    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-data",
+        data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+        "--eval-prompts", 4, "--max-new-tokens", 8)
+    run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
+        "--num-prompts", 60, "--max-new-tokens", 8)
+    return tmp, run
+
+
+def pretrain_args(tmp, out, *extra):
+    """The chain's pretraining: 4 steps, a checkpoint at step 2."""
+    return ["pretrain.py", "--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--out", tmp / out,
+            "--steps", 4, "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--batch-size", 4, "--eval-every", 2,
+            "--eval-batches", 1, "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def chain_pretrain_args():
+    return pretrain_args

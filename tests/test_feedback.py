@@ -200,3 +200,22 @@ def test_missing_prompt_field_is_a_file_line_error(tiny_sft, monkeypatch, capsys
     r = run_here(monkeypatch, capsys, ["feedback.py", "--init", tmp / "sft", "--data", bad, "--out", tmp / "bad"])
     assert r.returncode == 2 and f"{bad}:2: missing field 'prompt'" in r.stderr
     assert not (tmp / "bad" / "pairs.jsonl").exists()
+
+
+def test_simulated_labelling_killed_resumes_from_the_pairs_already_labelled(tiny_sft, kill_resume):
+    tmp, _ = tiny_sft
+    if not (tmp / "a" / "preferences.jsonl").exists():
+        r = subprocess.run(list(map(str, [sys.executable, *sample_args(tmp, "a")])), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    # SIGKILL after 50 labels; labels are saved every 20, so 40 are on disk and 10 are lost
+    killed, resumed = kill_resume(sample_args(tmp, "k") + ["--save-every", 20], kill_at=50, hook="RLHF_KILL_AT_LABEL")
+    assert "wrote" in killed.stdout  # the pairs were sampled and written before the kill
+    assert "resumed" in resumed.stdout and "40 labelled" in resumed.stdout  # not sampled again
+    for name in ("pairs.jsonl", "preferences.jsonl", "skipped.jsonl"):
+        assert (tmp / "k" / name).read_text() == (tmp / "a" / name).read_text(), name
+    meta_a, meta_k = (json.loads((tmp / d / "meta.json").read_text()) for d in ("a", "k"))
+    assert meta_k["final"] == meta_a["final"] and meta_k["counts"] == meta_a["counts"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]  # noqa: E731
+    rows = strip(common.read_metrics(tmp / "k" / "metrics.jsonl"))
+    assert rows == strip(common.read_metrics(tmp / "a" / "metrics.jsonl")) and [r["step"] for r in rows] == [1, 2, 3]
