@@ -371,6 +371,12 @@ def read_metrics(path):
 # Input files
 
 
+def jsonl_line_numbers(path):
+    """The line number of each row read_jsonl returns (it skips blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
 def read_jsonl(path, required=(), flag="--data", allow_empty=False):
     """Rows of a JSONL file; any problem stops with the file, the line and what was expected."""
     path = Path(path)
@@ -495,7 +501,9 @@ def encode_prompts(enc, prompts, max_len, where="prompts"):
     for i, p in enumerate(prompts):
         ids = encode_prompt(enc, p)
         if len(ids) > max_len:
-            die(f"{where}: prompt {i + 1} is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
+            # where: the JSONL file the prompts were read from (one per non-blank line), so name the line
+            at = f"{where}:{jsonl_line_numbers(where)[i]}" if Path(where).is_file() else f"{where}: prompt {i + 1}"
+            die(f"{at}: the prompt is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
         out.append(ids)
     return out
 

@@ -185,7 +185,8 @@ if __name__ == "__main__":
             for p in prompts:
                 p.setdefault("family", world.parse(p["prompt"])[0])
         repeated = [p["prompt"] for p in prompts for _ in range(args.k)]  # K samples of each prompt, side by side
-        common.encode_prompts(enc, repeated, model.config.block_size - args.max_new_tokens, where=args.data)
+        common.encode_prompts(enc, [p["prompt"] for p in prompts], model.config.block_size - args.max_new_tokens,
+                              where=args.data)
         print(f"sampling {args.k} responses to each of {len(prompts)} prompts from {args.init} "
               f"(temperature {args.temperature}): {len(repeated)} samples, {len(prompts) * args.k * (args.k - 1) // 2} pairs")
         generator = torch.Generator(device).manual_seed(args.seed)

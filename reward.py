@@ -89,7 +89,7 @@ def load_preferences(path, flag="--data"):
     file:line. dpo.py reads its data through this function too.
     """
     rows = common.read_jsonl(path, flag=flag)  # valid JSON objects, else file:line
-    linenos = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    linenos = common.jsonl_line_numbers(path)
     out = []
     for row, lineno in zip(rows, linenos):
         where = f"{path}:{lineno}"

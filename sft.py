@@ -81,7 +81,7 @@ def messages_to_pair(messages, where):
 def load_sft(path, flag="--data"):
     """Demonstrations from JSONL: {"prompt","response"} or {"messages":[...]} per line -> [{"prompt","response",...}]."""
     rows = common.read_jsonl(path, flag=flag)  # valid JSON objects, else file:line
-    linenos = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    linenos = common.jsonl_line_numbers(path)
     out = []
     for row, lineno in zip(rows, linenos):
         where = f"{path}:{lineno}"
