@@ -21,7 +21,9 @@ meta.json with the counts and the agreement with gold.
 Saving: the whole preferences file is rewritten atomically (common.atomic_write_jsonl) after
 every human answer, never appended in place: a crash or Ctrl-C mid-write leaves the previous
 complete file, not a half line, and at a human's pace (a few thousand short lines) rewriting
-costs nothing. Simulated labels take a second, so they are written once, at the end.
+costs nothing. Simulated labels are cheap: they are written every --save-every labels. While
+sampling, the responses so far and the generator's state go to samples.pt after every batch, so
+`--resume` after a crash or Ctrl-C goes on with the same random numbers, wherever it stopped.
 
 Why K = 6: sampling is the cost, and K responses give K(K-1)/2 comparisons. At the same 6000
 samples, 1000 prompts x 6 trained a better reward model than 1500 x 4 or 3000 x 2 (held-out
@@ -151,6 +153,7 @@ if __name__ == "__main__":
     kernels.set_backend(args.kernels)  # unused here: sampling needs no per-token log-probs
     out = Path(args.out)
     pairs_path, prefs_path, skipped_path = out / "pairs.jsonl", out / "preferences.jsonl", out / "skipped.jsonl"
+    samples_path = out / "samples.pt"  # the responses sampled so far, while sampling
     world = load_world(Path(args.data).parent)
     if world is None:
         if args.labeler == "simulated":
@@ -191,9 +194,25 @@ if __name__ == "__main__":
               f"(temperature {args.temperature}): {len(repeated)} samples, {len(prompts) * args.k * (args.k - 1) // 2} pairs")
         generator = torch.Generator(device).manual_seed(args.seed)
         n_steps = -(-len(repeated) // args.sample_batch_size)
-        logger = common.MetricsLogger(out / "metrics.jsonl", n_steps)
-        responses = []
-        for step in range(1, n_steps + 1):
+        resuming = args.resume and samples_path.exists()
+        logger = common.MetricsLogger(out / "metrics.jsonl", n_steps, resume=resuming)
+        responses, start = [], 0
+        if resuming:  # stopped while sampling: go on after the last batch saved, with the same random numbers
+            state = torch.load(samples_path, weights_only=False)
+            if state["prompts"] != repeated:
+                common.die(f"--resume: {samples_path} holds samples of other prompts or another --k; "
+                           f"run again without --resume")
+            responses, start = state["responses"], state["step"]
+            generator.set_state(state["generator"])
+            logger.truncate_after(start)
+            print(f"resumed sampling from {samples_path} at step {start} of {n_steps}")
+
+        def save_samples(step):
+            common.atomic_torch_save({"step": step, "responses": responses, "generator": generator.get_state(),
+                                      "prompts": repeated}, samples_path)
+
+        common.catch_interrupt()
+        for step in range(start + 1, n_steps + 1):
             chunk = repeated[(step - 1) * args.sample_batch_size : step * args.sample_batch_size]
             new = common.sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
                                           batch_size=args.sample_batch_size, generator=generator)
@@ -203,6 +222,9 @@ if __name__ == "__main__":
             if world is not None:
                 metrics["feedback/gold_mean"] = sum(world.gold_score(p, r["text"]) for p, r in zip(chunk, new)) / len(new)
             logger.log(step, metrics)
+            save_samples(step)  # every batch: sampling is this stage's costly part
+            common.end_step(step, n_steps, save_samples, out)
+        common.release_interrupt()
         pairs, n_identical = make_pairs(prompts, responses, args.k)
         if not pairs:
             common.die(f"--init {args.init}: no pairs to label (every pair of responses was identical)")
@@ -210,6 +232,7 @@ if __name__ == "__main__":
             if stale.exists():
                 stale.unlink()
         common.atomic_write_jsonl(pairs_path, pairs)
+        samples_path.unlink()  # the pairs hold the samples from now on
         print(f"wrote {pairs_path}: {len(pairs)} pairs ({n_identical} pairs of identical texts dropped)")
 
     def save(n_done=None, final=None):

@@ -176,3 +176,11 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(bad, stage_here, same_
     r = run("ctrl_c", "--resume")
     assert r.returncode == 0 and f"resumed from {d / 'ctrl_c'} at step 3" in r.stdout
     same_run(d / "ctrl_c_ref", d / "ctrl_c", steps=range(1, 6))
+
+
+def test_resuming_a_finished_run_changes_nothing(bad, stage_here):
+    tmp, d = bad
+    before = files(d)
+    r = stage_here(argv("pretrain", tmp, d) + ["--out", d / "pretrain_copy", "--resume", "--steps", 4])
+    assert r.returncode == 0 and "already finished its 4 steps: nothing to resume" in r.stdout
+    assert files(d) == before
