@@ -313,7 +313,8 @@ def test_killed_between_checkpoints_resumes_exactly_where_it_stopped(stages, str
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
     assert "eval/gold_reward" in straight[1] and "objective/kl" in straight[0]
     same_run(stages / "straight", stages / "resumed", steps=range(1, 5))  # policy, metrics, final: identical
-    value_a, value_b = (torch.load(stages / d / "resume.pt", weights_only=False)["value_model"] for d in ("straight", "resumed"))
+    value_a, value_b = (torch.load(stages / d / "resume.pt", weights_only=False)["value_model"]
+                        for d in ("straight", "resumed"))
     assert all(torch.equal(value_a[k], value_b[k]) for k in value_a)  # and the value model too
     meta = json.loads((stages / "resumed" / "meta.json").read_text())
     assert meta["stage"] == "ppo" and meta["step"] == 4 and "eval/gold_reward" in meta["final"]

@@ -35,7 +35,8 @@ def bad(chain, tmp_path_factory):
     (d / "mistyped.jsonl").write_text('{"prompt": "Hi!", "chosen": 3, "rejected": "Ugh."}\n')
     (d / "empty.jsonl").write_text("\n")
     (d / "empty.txt").write_text("  \n")
-    (d / "long.jsonl").write_text('{"prompt": "Hi!"}\n\n' + json.dumps({"prompt": "What colour is the milt? " * 40}) + "\n")
+    too_long = json.dumps({"prompt": "What colour is the milt? " * 40})
+    (d / "long.jsonl").write_text('{"prompt": "Hi!"}\n\n' + too_long + "\n")  # on line 3
     small = GPTConfig(**{**meta["config"], "vocab_size": 100})  # fewer rows than the tokenizer has tokens
     common.save_checkpoint(d / "small_vocab", GPT(small), {**meta, "stage": "pretrain", "config": asdict(small)})
     common.save_checkpoint(d / "other_config", gpt, {**meta, "stage": "pretrain",

@@ -4,10 +4,8 @@ resume, and the tiny chain pretrain -> sft -> feedback -> reward."""
 
 import json
 import math
-import os
 import random
 import runpy
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
