@@ -1,5 +1,9 @@
 """Plumbing shared by every stage: device and dtype, seeding, clear errors, atomic checkpoints,
-the metrics logger, JSONL reading, the learning-rate schedule and the common command-line flags.
+resume, Ctrl-C and the non-finite guard, the metrics logger, JSONL reading, the learning-rate
+schedule and the common command-line flags.
+
+Exit statuses: 0 done, 2 bad input (die), 3 a NaN or infinity stopped the run (guard_finite),
+130 stopped by Ctrl-C after saving a checkpoint (end_step).
 
 Nothing about RLHF lives here: the math of each stage stays visible in the stage's own file.
 """
@@ -9,6 +13,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -22,20 +28,20 @@ import torch
 
 
 class BadInput(SystemExit):
-    """Raised by die(); a SystemExit with code 2 whose message is kept for tests."""
+    """Raised by die(); a SystemExit with code 2 (3 for a non-finite number) whose message is kept for tests."""
 
-    def __init__(self, message):
-        super().__init__(2)
+    def __init__(self, message, code=2):
+        super().__init__(code)
         self.message = message
 
     def __str__(self):
         return self.message
 
 
-def die(message):
+def die(message, code=2):
     """Stop with one clear line on stderr and exit status 2 (bad input, not a crash)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise BadInput(message)
+    raise BadInput(message, code)
 
 
 # -----------------------------------------------------------------------------
@@ -133,14 +139,18 @@ def atomic_torch_save(obj, path):
 # Checkpoints: out/<stage>/model.pt + meta.json (+ resume.pt for --resume)
 
 
-def save_checkpoint(out_dir, model, meta, resume_state=None):
-    """Weights of the uncompiled model, then meta.json last: a stage dir with meta.json is complete."""
-    out_dir = Path(out_dir)
+def unwrap(model):
     raw = getattr(model, "_orig_mod", model)  # never save torch.compile's renamed keys
-    raw = getattr(raw, "module", raw)  # nor DDP's "module." prefix
-    atomic_torch_save(raw.state_dict(), out_dir / "model.pt")
+    return getattr(raw, "module", raw)  # nor DDP's "module." prefix
+
+
+def save_checkpoint(out_dir, model, meta, resume_state=None):
+    """Weights of the uncompiled model, then meta.json last: a stage dir with meta.json is complete.
+    resume_state (from resume_state()) goes to resume.pt: one file, so a kill never leaves it half old."""
+    out_dir = Path(out_dir)
     if resume_state is not None:
         atomic_torch_save(resume_state, out_dir / "resume.pt")
+    atomic_torch_save(unwrap(model).state_dict(), out_dir / "model.pt")
     atomic_write_json(out_dir / "meta.json", meta)
 
 
@@ -160,6 +170,14 @@ def load_meta(stage_dir, expect_stage=None, flag="--init"):
     return meta
 
 
+def check_config(stage_dir, meta, config, flag):
+    """The checkpoint's architecture (meta.json "config") must be the one the flags ask for."""
+    diff = [f"{k} {meta['config'].get(k)} vs {v}" for k, v in config.items() if meta.get("config", {}).get(k) != v]
+    if diff:
+        die(f"{flag} {stage_dir}: the checkpoint's architecture differs from the flags' ({', '.join(diff)}); "
+            f"use the same model flags, or another --out")
+
+
 def load_state_dict(stage_dir, device="cpu"):
     path = Path(stage_dir) / "model.pt"
     if not path.exists():
@@ -168,6 +186,110 @@ def load_state_dict(stage_dir, device="cpu"):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or corrupted file
         die(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+# -----------------------------------------------------------------------------
+# Resume: everything a stage needs to continue exactly, in resume.pt
+
+
+def resume_state(step, model, optimizer, generators=None, **extra):
+    """Weights, optimizer, every RNG (Python, NumPy, torch, and the stage's own generators: the data
+    position) and the step; extra: what else a stage keeps (PPO's kl_coef and value model, ...)."""
+    return {"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), "generators": {k: g.get_state() for k, g in (generators or {}).items()}, **extra}
+
+
+def load_resume(out, stage, model, optimizer, logger, total_steps, generators=None, config=None, device="cpu"):
+    """--resume: restore what resume_state() saved in --out; returns (step to start after, the state).
+
+    With no checkpoint there yet, starts at 0 (the metrics file starts over). A checkpoint of
+    another stage or architecture, or an unreadable one, stops with one line (exit status 2).
+    A finished run has nothing to resume: exit status 0."""
+    out, path = Path(out), Path(out) / "resume.pt"
+    if not path.exists():
+        print(f"note: --resume: no checkpoint in {out} yet, starting from step 0")
+        logger.resume = False  # a fresh run: the first log() starts the metrics file over
+        return 0, None
+    meta = load_meta(out, stage, "--out")
+    if config is not None:
+        check_config(out, meta, config, "--resume: --out")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)  # our own file: RNG states are not tensors
+        model.load_state_dict(state["model"])
+    except Exception as e:  # truncated, corrupted, or from an older version of the stage
+        die(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"run again without --resume")
+    optimizer.load_state_dict(state["optimizer"])
+    for name, g in (generators or {}).items():
+        g.set_state(state["generators"][name])
+    set_rng_state(state["rng"])
+    start = state["step"]
+    if start >= total_steps:
+        print(f"{out} already finished its {start} steps: nothing to resume")
+        raise SystemExit(0)
+    logger.truncate_after(start)  # steps logged after the checkpoint are done again, not twice
+    print(f"resumed from {out} at step {start}")
+    return start, state
+
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C saves and exits at the end of a step; a NaN or infinity stops before the update
+
+_stop = {"requested": False}
+
+
+def catch_interrupt():
+    """From here on a Ctrl-C asks the loop to stop at the end of the current step (end_step saves
+    a checkpoint and exits); a second Ctrl-C stops at once, as usual."""
+    _stop["requested"] = False
+
+    def handler(signum, frame):
+        _stop["requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again: stop now, unsaved)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def release_interrupt():
+    """After the loop: Ctrl-C is an ordinary KeyboardInterrupt again."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def resume_command():
+    argv = [a for a in sys.argv if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["python", *argv, "--resume"])
+
+
+def end_step(step, total, save, out, hook="RLHF_KILL_AT_STEP"):
+    """Call at the end of every step, after logging and any periodic save.
+
+    On a Ctrl-C, save(step) and exit (status 130) with the command that resumes. Test hook: the
+    environment variable RLHF_KILL_AT_STEP=N (or N:SIGINT) makes the process send itself SIGKILL
+    (or that signal) here at step N, as a crash or a Ctrl-C there would."""
+    at, _, sig = os.environ.get(hook, "").partition(":")
+    if at == str(step):
+        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
+    if _stop["requested"] and step < total:  # (at the last step the run is about to finish anyway)
+        save(step)
+        print(f"interrupted: checkpoint of step {step} saved in {out}; continue with: {resume_command()}", flush=True)
+        raise SystemExit(130)
+
+
+def guard_finite(step, out, **quantities):
+    """Stop (exit status 3) if a loss or gradient norm is NaN or infinite, before it reaches the
+    weights; nothing is saved, so --out keeps its last good checkpoint. Call between backward and
+    the optimizer step. Test hook: RLHF_NAN_AT_STEP=N makes the first quantity NaN at step N."""
+    for i, (name, value) in enumerate(quantities.items()):
+        value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if i == 0 and os.environ.get("RLHF_NAN_AT_STEP") == str(step):
+            value = float("nan")
+        if not math.isfinite(value):
+            meta = Path(out) / "meta.json"
+            last = f"step {json.loads(meta.read_text())['step']}" if meta.exists() else "none saved yet"
+            die(f"step {step}: the {name} is {value}; stopped before updating the weights "
+                f"(last good checkpoint in {out}: {last})", code=3)
 
 
 # -----------------------------------------------------------------------------
@@ -187,18 +309,22 @@ class MetricsLogger:
     """Appends one JSON object per logged step and prints `step 42/300 | loss 2.31 | ... | eta 1m20s`."""
 
     def __init__(self, path, total_steps, enabled=True, resume=False):
-        self.path, self.total, self.enabled = Path(path), total_steps, enabled
-        self.t0, self.start_step = time.time(), None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not resume and self.path.exists():
-                self.path.unlink()
+        # Nothing touches the disk before the first log(): a run stopped by bad input changes no file.
+        self.path, self.total, self.enabled, self.resume = Path(path), total_steps, enabled, resume
+        self.t0, self.start_step, self.opened = time.time(), None, False
 
     def truncate_after(self, step):
-        """On resume, drop lines logged after the checkpoint, so no step appears twice."""
+        """On resume, drop lines logged after the checkpoint, so no step appears twice (and a line
+        half-written by a kill, which does not parse)."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step, metrics, show=None):
@@ -211,6 +337,11 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time/elapsed_s": round(elapsed, 3)}
         if not self.enabled:
             return row
+        if not self.opened:  # the first row: a fresh run starts a new file, a resumed one appends
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                self.path.unlink(missing_ok=True)
+            self.opened = True
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         keys = show if show is not None else list(metrics)
@@ -240,7 +371,13 @@ def read_metrics(path):
 # Input files
 
 
-def read_jsonl(path, required=(), flag="--data"):
+def jsonl_line_numbers(path):
+    """The line number of each row read_jsonl returns (it skips blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def read_jsonl(path, required=(), flag="--data", allow_empty=False):
     """Rows of a JSONL file; any problem stops with the file, the line and what was expected."""
     path = Path(path)
     if not path.exists():
@@ -262,7 +399,7 @@ def read_jsonl(path, required=(), flag="--data"):
                 if not isinstance(row[key], str):
                     die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         die(f"{path}: empty file (expected one JSON object per line)")
     return rows
 
@@ -299,10 +436,18 @@ def add_common_args(parser, stage, init=None, data=None, steps=100):
 
 
 def check_positive(args, *names):
+    """Each flag a positive, finite number (NaN and inf included in what is refused)."""
     for name in names:
         value = getattr(args, name.replace("-", "_"))
-        if value is None or value <= 0:
-            die(f"--{name} must be positive, got {value}")
+        if value is None or not 0 < value < math.inf:
+            die(f"--{name} must be a positive number, got {value}")
+
+
+def check_nonnegative(args, *names):
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is None or not 0 <= value < math.inf:
+            die(f"--{name} must be zero or a positive number, got {value}")
 
 
 # -----------------------------------------------------------------------------
@@ -356,7 +501,9 @@ def encode_prompts(enc, prompts, max_len, where="prompts"):
     for i, p in enumerate(prompts):
         ids = encode_prompt(enc, p)
         if len(ids) > max_len:
-            die(f"{where}: prompt {i + 1} is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
+            # where: the JSONL file the prompts were read from (one per non-blank line), so name the line
+            at = f"{where}:{jsonl_line_numbers(where)[i]}" if Path(where).is_file() else f"{where}: prompt {i + 1}"
+            die(f"{at}: the prompt is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
         out.append(ids)
     return out
 

@@ -153,7 +153,11 @@ def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "beta", "eval-every", "max-new-tokens", "temperature")
+    common.check_positive(args, "steps", "batch-size", "lr", "beta", "eval-every", "max-new-tokens", "temperature",
+                          "grad-clip")
+    common.check_nonnegative(args, "warmup-steps", "weight-decay", "eval-prompts")
+    if not 0 <= args.val_fraction < 1:
+        common.die(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not 0 <= args.label_smoothing < 0.5:
         common.die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     out = Path(args.out)
@@ -198,17 +202,14 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
-    start = 0
-    if args.resume and (out / "resume.pt").exists():
-        state = torch.load(out / "resume.pt", weights_only=False)
+    start, state = 0, None
+    if args.resume:  # the data position follows from the step (batch_indices)
+        start, state = common.load_resume(out, "dpo", policy, optimizer, logger, args.steps, config=init_meta["config"],
+                                          device=device)
+    if state is not None:
         if state["n_train"] != n_train:
             common.die(f"--resume: {out} was trained on {state['n_train']} pairs, --data gives {n_train}")
-        policy.load_state_dict(common.load_state_dict(out, device))
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        ref_logps, start = state["ref_logps"], state["step"]
-        logger.truncate_after(start)
-        print(f"resumed from {out} at step {start}")
+        ref_logps = state["ref_logps"]
     else:
         # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
         ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
@@ -231,15 +232,15 @@ if __name__ == "__main__":
     def save(step, final=None):
         meta = {"stage": "dpo", "config": init_meta["config"], "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "final": final or {}}
-        resume = {"optimizer": optimizer.state_dict(), "rng": common.rng_state(), "step": step,
-                  "ref_logps": ref_logps, "n_train": n_train}
-        common.save_checkpoint(out, policy, meta, resume)
+        common.save_checkpoint(out, policy, meta, common.resume_state(step, policy, optimizer, ref_logps=ref_logps,
+                                                                      n_train=n_train))
 
     # -- the loop ----------------------------------------------------------------------------
     show = ["dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"]
     if start == 0:  # step 0: the SFT model itself, the start of every curve
         logger.log(0, {"pairs": 0, **evaluate()}, show=show)
     metrics = {}
+    common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -253,11 +254,10 @@ if __name__ == "__main__":
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
                                                              args.beta, args.label_smoothing)
         loss = losses.mean()
-        if not torch.isfinite(loss):
-            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
         optimizer.step()
 
         metrics = {"dpo/loss": loss.item(), "dpo/accuracy": pair_accuracy(chosen_rewards, rejected_rewards).item(),
@@ -270,6 +270,8 @@ if __name__ == "__main__":
         logger.log(step, metrics, show=show)
         if step % args.eval_every == 0 and step < args.steps:
             save(step)
+        common.end_step(step, args.steps, save, out)
+    common.release_interrupt()
 
     # -- final save -------------------------------------------------------------------------------
     final = {k: v for k, v in metrics.items() if not k.startswith("train/")} or common.load_meta(out)["final"]

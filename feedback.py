@@ -21,7 +21,9 @@ meta.json with the counts and the agreement with gold.
 Saving: the whole preferences file is rewritten atomically (common.atomic_write_jsonl) after
 every human answer, never appended in place: a crash or Ctrl-C mid-write leaves the previous
 complete file, not a half line, and at a human's pace (a few thousand short lines) rewriting
-costs nothing. Simulated labels take a second, so they are written once, at the end.
+costs nothing. Simulated labels are cheap: they are written every --save-every labels. While
+sampling, the responses so far and the generator's state go to samples.pt after every batch, so
+`--resume` after a crash or Ctrl-C goes on with the same random numbers, wherever it stopped.
 
 Why K = 6: sampling is the cost, and K responses give K(K-1)/2 comparisons. At the same 6000
 samples, 1000 prompts x 6 trained a better reward model than 1500 x 4 or 3000 x 2 (held-out
@@ -38,7 +40,6 @@ policy improves.
 """
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -63,6 +64,7 @@ g.add_argument("--sample-batch-size", type=int, default=256, help="sequences per
 g = parser.add_argument_group("labelling")
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
 g.add_argument("--tau", type=float, default=0.5, help="simulated labeller's noise: Bradley-Terry temperature")
+g.add_argument("--save-every", type=int, default=500, help="simulated labels saved every N (a human's: every answer)")
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def agreement_with_gold(prefs):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau")
+    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau", "temperature",
+                          "save-every")
     if args.k < 2:
         common.die(f"--k must be at least 2 (a comparison needs two responses), got {args.k}")
     if args.steps < 0:
@@ -150,6 +153,7 @@ if __name__ == "__main__":
     kernels.set_backend(args.kernels)  # unused here: sampling needs no per-token log-probs
     out = Path(args.out)
     pairs_path, prefs_path, skipped_path = out / "pairs.jsonl", out / "preferences.jsonl", out / "skipped.jsonl"
+    samples_path = out / "samples.pt"  # the responses sampled so far, while sampling
     world = load_world(Path(args.data).parent)
     if world is None:
         if args.labeler == "simulated":
@@ -160,16 +164,18 @@ if __name__ == "__main__":
     # -- 1. the pairs: sampled once, then fixed ---------------------------------
     prefs, skipped = [], []
     if args.resume and pairs_path.exists():
+        # meta.json is written with pairs.jsonl, before any label (pairs made by hand may come without it)
+        meta = common.load_meta(out, "feedback", "--out") if (out / "meta.json").exists() else {}
         pairs = common.read_jsonl(pairs_path, flag="--out")
         if prefs_path.exists():
-            prefs = common.read_jsonl(prefs_path, flag="--out")
+            prefs = common.read_jsonl(prefs_path, flag="--out", allow_empty=True)
         if skipped_path.exists():
-            skipped = common.read_jsonl(skipped_path, flag="--out")
-        meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+            skipped = common.read_jsonl(skipped_path, flag="--out", allow_empty=True)
         n_identical, tokenizer = meta.get("counts", {}).get("identical", 0), meta.get("tokenizer")
         print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
     else:
-        if prefs_path.exists() and any(r.get("labeler") == "human" for r in common.read_jsonl(prefs_path, flag="--out")):
+        labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
+        if any(r.get("labeler") == "human" for r in labelled):
             common.die(f"--out {out}: already holds human labels; pass --resume to continue them, or pick another --out")
         prompts = common.read_jsonl(args.data, required=("prompt",))[: args.num_prompts]
         device, dtype = common.setup_device(args.device)
@@ -182,14 +188,31 @@ if __name__ == "__main__":
             for p in prompts:
                 p.setdefault("family", world.parse(p["prompt"])[0])
         repeated = [p["prompt"] for p in prompts for _ in range(args.k)]  # K samples of each prompt, side by side
-        common.encode_prompts(enc, repeated, model.config.block_size - args.max_new_tokens, where=args.data)
+        common.encode_prompts(enc, [p["prompt"] for p in prompts], model.config.block_size - args.max_new_tokens,
+                              where=args.data)
         print(f"sampling {args.k} responses to each of {len(prompts)} prompts from {args.init} "
               f"(temperature {args.temperature}): {len(repeated)} samples, {len(prompts) * args.k * (args.k - 1) // 2} pairs")
         generator = torch.Generator(device).manual_seed(args.seed)
         n_steps = -(-len(repeated) // args.sample_batch_size)
-        logger = common.MetricsLogger(out / "metrics.jsonl", n_steps)
-        responses = []
-        for step in range(1, n_steps + 1):
+        resuming = args.resume and samples_path.exists()
+        logger = common.MetricsLogger(out / "metrics.jsonl", n_steps, resume=resuming)
+        responses, start = [], 0
+        if resuming:  # stopped while sampling: go on after the last batch saved, with the same random numbers
+            state = torch.load(samples_path, weights_only=False)
+            if state["prompts"] != repeated:
+                common.die(f"--resume: {samples_path} holds samples of other prompts or another --k; "
+                           f"run again without --resume")
+            responses, start = state["responses"], state["step"]
+            generator.set_state(state["generator"])
+            logger.truncate_after(start)
+            print(f"resumed sampling from {samples_path} at step {start} of {n_steps}")
+
+        def save_samples(step):
+            common.atomic_torch_save({"step": step, "responses": responses, "generator": generator.get_state(),
+                                      "prompts": repeated}, samples_path)
+
+        common.catch_interrupt()
+        for step in range(start + 1, n_steps + 1):
             chunk = repeated[(step - 1) * args.sample_batch_size : step * args.sample_batch_size]
             new = common.sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
                                           batch_size=args.sample_batch_size, generator=generator)
@@ -199,14 +222,30 @@ if __name__ == "__main__":
             if world is not None:
                 metrics["feedback/gold_mean"] = sum(world.gold_score(p, r["text"]) for p, r in zip(chunk, new)) / len(new)
             logger.log(step, metrics)
+            save_samples(step)  # every batch: sampling is this stage's costly part
+            common.end_step(step, n_steps, save_samples, out)
+        common.release_interrupt()
         pairs, n_identical = make_pairs(prompts, responses, args.k)
-        common.atomic_write_jsonl(pairs_path, pairs)
+        if not pairs:
+            common.die(f"--init {args.init}: no pairs to label (every pair of responses was identical)")
         for stale in (prefs_path, skipped_path):  # a fresh run starts its labels over
             if stale.exists():
                 stale.unlink()
+        common.atomic_write_jsonl(pairs_path, pairs)
+        samples_path.unlink()  # the pairs hold the samples from now on
         print(f"wrote {pairs_path}: {len(pairs)} pairs ({n_identical} pairs of identical texts dropped)")
-    if not pairs:
-        common.die(f"{pairs_path}: no pairs to label (every pair of responses was identical)")
+
+    def save(n_done=None, final=None):
+        """preferences.jsonl, skipped.jsonl and meta.json (so --resume knows the pairs), each rewritten atomically."""
+        common.atomic_write_jsonl(prefs_path, prefs)
+        common.atomic_write_jsonl(skipped_path, skipped)
+        meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
+                "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
+                                                     "identical": n_identical}, "final": final or {}}
+        common.atomic_write_json(out / "meta.json", meta)
+
+    if not args.resume or not (out / "meta.json").exists():
+        save()
 
     # -- 2. the labels ------------------------------------------------------------
     done = {r["pair_id"] for r in prefs} | {r["pair_id"] for r in skipped}
@@ -217,7 +256,9 @@ if __name__ == "__main__":
     ask = human_labeler(len(pairs)) if human else simulated_labeler(world, args.tau, args.seed)
     if human:
         print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
-    for pair in todo:
+    else:
+        common.catch_interrupt()  # (a human's Ctrl-C is read by input() as "q")
+    for n, pair in enumerate(todo, 1):
         choice = ask(pair)
         if choice == "q":
             break
@@ -225,11 +266,10 @@ if __name__ == "__main__":
             skipped.append({"pair_id": pair["pair_id"]})
         else:
             prefs.append(preference(pair, choice, args.labeler, world))
-        if human:  # rewrite both files atomically after every answer: nothing is lost on a crash
-            common.atomic_write_jsonl(prefs_path, prefs)
-            common.atomic_write_jsonl(skipped_path, skipped)
-    common.atomic_write_jsonl(prefs_path, prefs)
-    common.atomic_write_jsonl(skipped_path, skipped)
+        if human or n % args.save_every == 0:  # a human's answer is never lost; simulated ones are cheap to redo
+            save()
+        common.end_step(len(prefs) + len(skipped), len(pairs), save, out, hook="RLHF_KILL_AT_LABEL")
+    common.release_interrupt()
 
     # -- 3. counts and the labeller's agreement with gold ---------------------------
     agreement, contradictions, n_decided = agreement_with_gold(prefs)
@@ -241,10 +281,7 @@ if __name__ == "__main__":
         golds = [g for r in prefs for g in (r["gold_chosen"], r["gold_rejected"])]
         if golds:
             final["feedback/gold_mean"] = sum(golds) / len(golds)
-    meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
-            "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
-                                                 "identical": n_identical}, "final": final}
-    common.atomic_write_json(out / "meta.json", meta)
+    save(final=final)
     print(f"labels: {len(prefs)} of {len(pairs)} pairs ({len(skipped)} skipped, {final['feedback/remaining']} left)")
     if world is not None and n_decided:
         print(f"agreement with the gold ranking: {agreement:.3f} ({contradictions} of {n_decided} labels on pairs "

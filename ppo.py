@@ -240,7 +240,7 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
                 advantages=advantages, returns=returns)
 
 
-def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=contextlib.nullcontext):
+def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=contextlib.nullcontext, step=0):
     """Step 7: --ppo-epochs passes over shuffled minibatches. Returns the stats of each minibatch, in order."""
     B, P = batch["responses"].size(0), batch["context_length"]
     for m in (policy, value_model):
@@ -260,11 +260,10 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
             vf_loss, vf_clipfrac = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mask,
                                               args.cliprange_value)
             loss = pg_loss + args.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                common.die(f"the PPO loss is {loss.item()}; the last good checkpoint is kept in {args.out}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            common.guard_finite(step, args.out, loss=loss, grad_norm=grad_norm)
             optimizer.step()
             stats.append({"ppo/approx_kl": pg_stats["approx_kl"].item(), "ppo/clipfrac": pg_stats["clipfrac"].item(),
                           "ppo/ratio_mean": pg_stats["ratio_mean"].item(), "ppo/pg_loss": pg_stats["pg_loss"].item(),
@@ -283,8 +282,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     common.check_positive(args, "steps", "batch-size", "max-new-tokens", "temperature", "ppo-epochs",
                           "minibatch-size", "lr", "eval-every", "sample-every", "target-kl", "kl-horizon")
-    if args.kl_coef < 0:
-        common.die(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    common.check_nonnegative(args, "kl-coef", "vf-coef", "ent-coef", "cliprange-value", "grad-clip", "clip-coef")
+    if args.minibatch_size > args.batch_size:
+        common.die(f"--batch-size {args.batch_size} is smaller than --minibatch-size {args.minibatch_size}")
+    if not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
+        common.die(f"--gamma and --lam must be between 0 and 1, got {args.gamma} and {args.lam}")
     kernels.set_backend(args.kernels)
     out = Path(args.out)
     device, dtype = common.setup_device(args.device)
@@ -324,29 +326,20 @@ if __name__ == "__main__":
     shuffle_generator = torch.Generator().manual_seed(args.seed + 2)  # the minibatches
     kl_coef, start = args.kl_coef, 0
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
-    if args.resume and (out / "resume.pt").exists():
-        state = torch.load(out / "resume.pt", weights_only=False)
-        policy.load_state_dict(common.load_state_dict(out, device))
-        value_model.load_state_dict(state["value_model"])
-        optimizer.load_state_dict(state["optimizer"])
-        prompt_generator.set_state(state["prompt_generator"])
-        sample_generator.set_state(state["sample_generator"])
-        shuffle_generator.set_state(state["shuffle_generator"])
-        common.set_rng_state(state["rng"])
-        start, kl_coef = state["step"], state["kl_coef"]
-        logger.truncate_after(start)
-        print(f"resumed from {out} at step {start} (kl_coef {kl_coef:.4g})")
-        if start >= args.steps:
-            print(f"nothing to do: {out} is already at step {start} of {args.steps}")
-            raise SystemExit(0)
+    generators = {"prompt": prompt_generator, "sample": sample_generator, "shuffle": shuffle_generator}
+    if args.resume:  # the policy, optimizer and generators; then the value model and the adaptive KL's state
+        start, state = common.load_resume(out, "ppo", policy, optimizer, logger, args.steps, generators,
+                                          asdict(policy.config), device)
+        if state is not None:
+            value_model.load_state_dict(state["value_model"])
+            kl_coef = state["kl_coef"]
+            print(f"  kl_coef {kl_coef:.4g}, {start * args.batch_size} episodes done")
 
     def save(step, final=None):
         meta = {"stage": "ppo", "config": asdict(policy.config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "episodes": step * args.batch_size, "final": final or {}}
-        resume = {"value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "prompt_generator": prompt_generator.get_state(), "sample_generator": sample_generator.get_state(),
-                  "shuffle_generator": shuffle_generator.get_state(), "rng": common.rng_state(), "step": step,
-                  "kl_coef": kl_coef}
+        resume = common.resume_state(step, policy, optimizer, generators, value_model=value_model.state_dict(),
+                                     kl_coef=kl_coef, episodes=step * args.batch_size)
         common.save_checkpoint(out, policy, meta, resume)
 
     # -- the loop --------------------------------------------------------------
@@ -359,12 +352,13 @@ if __name__ == "__main__":
     if start == 0 and eval_rows:  # step 0: the SFT model itself, the start of every eval/* curve
         logger.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
     metrics = {}
+    common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()
         queries, query_mask = left_pad([prompt_ids[i] for i in pick], pad_id, device)  # (B, P), left-padded
         batch = rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, args, kl_coef,
                         end_id, pad_id, sample_generator, amp)
-        mb_stats = ppo_update(policy, value_model, optimizer, batch, args, shuffle_generator, amp)
+        mb_stats = ppo_update(policy, value_model, optimizer, batch, args, shuffle_generator, amp, step)
 
         mask, seq_kl = batch["mask"], batch["kl"].sum(1)  # (B,) sequence KL to the reference
         metrics = {"objective/score": batch["scores"].mean().item(), "objective/kl": seq_kl.mean().item(),
@@ -389,6 +383,8 @@ if __name__ == "__main__":
                       f"kl {seq_kl[i].item():+.2f}{gold}")
         if step % args.eval_every == 0 and step < args.steps:
             save(step)
+        common.end_step(step, args.steps, save, out)
+    common.release_interrupt()
 
     # -- final evaluation (on the last step) and save ---------------------------------
     final = {k: v for k, v in metrics.items() if k != "episodes"}

@@ -101,7 +101,13 @@ def estimate_loss(model, data, args, device, dtype, generator):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "block-size", "n-layer", "n-head", "n-embd", "lr", "eval-every")
+    common.check_positive(args, "steps", "batch-size", "block-size", "n-layer", "n-head", "n-embd", "lr", "eval-every",
+                          "eval-batches", "grad-clip")
+    common.check_nonnegative(args, "warmup-steps", "weight-decay", "dropout")
+    if args.n_embd % args.n_head:
+        common.die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    if not 0 < args.val_fraction < 1:
+        common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     out = Path(args.out)
     device, dtype = common.setup_device(args.device)
     common.seed_everything(args.seed)
@@ -137,30 +143,23 @@ if __name__ == "__main__":
     optimizer = configure_optimizer(model, args.lr, args.weight_decay)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters | {config}")
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the data position: which windows each step sees
     val_generator_seed = args.seed + 1  # the same validation windows at every evaluation
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
     start = 0
-    if args.resume and (out / "resume.pt").exists():
-        state = torch.load(out / "resume.pt", weights_only=False)
-        model.load_state_dict(common.load_state_dict(out, device))
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        common.set_rng_state(state["rng"])
-        start = state["step"]
-        logger.truncate_after(start)
-        print(f"resumed from {out} at step {start}")
+    if args.resume:
+        start, _ = common.load_resume(out, "pretrain", model, optimizer, logger, args.steps, {"data": generator},
+                                      asdict(config), device)
 
     def save(step, final=None):
         meta = {"stage": "pretrain", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": args.tokenizer, "final": final or {}}
-        resume = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                  "rng": common.rng_state(), "step": step}
-        common.save_checkpoint(out, model, meta, resume)
+        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer, {"data": generator}))
 
     # -- the loop --------------------------------------------------------------
     model.train()
     val_loss = None
+    common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -169,11 +168,10 @@ if __name__ == "__main__":
         with common.autocast(device, dtype):
             logits = model(x.to(device))  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
-        if not torch.isfinite(loss):
-            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
                    "tokens": step * tokens_per_step}
@@ -193,6 +191,8 @@ if __name__ == "__main__":
             print(f"  sample: {prompt}{enc.decode([t for t in sample[0].tolist() if t != enc.eot_token])!r}")
             model.train()
             save(step)
+        common.end_step(step, args.steps, save, out)
+    common.release_interrupt()
 
     # -- final evaluation and save -----------------------------------------------
     final = {"train/loss": loss.item(), "val/loss": val_loss}

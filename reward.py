@@ -89,7 +89,7 @@ def load_preferences(path, flag="--data"):
     file:line. dpo.py reads its data through this function too.
     """
     rows = common.read_jsonl(path, flag=flag)  # valid JSON objects, else file:line
-    linenos = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    linenos = common.jsonl_line_numbers(path)
     out = []
     for row, lineno in zip(rows, linenos):
         where = f"{path}:{lineno}"
@@ -212,7 +212,8 @@ def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "eval-every")
+    common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "grad-clip")
+    common.check_nonnegative(args, "warmup-steps", "weight-decay")
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     kernels.set_backend(args.kernels)  # unused here: the reward model needs no per-token log-probs
@@ -254,28 +255,19 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
     start = 0
-    if args.resume and (out / "resume.pt").exists():
-        common.load_meta(out, "reward", "--out")
-        state = torch.load(out / "resume.pt", weights_only=False)
-        model.load_state_dict(common.load_state_dict(out, device))
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start = state["step"]
-        if start >= args.steps:
-            print(f"{out} already finished its {args.steps} steps: nothing to resume")
-            raise SystemExit(0)
-        logger.truncate_after(start)
-        print(f"resumed from {out} at step {start}")
+    if args.resume:  # the data position follows from the step (epoch_batches is seeded per epoch)
+        start, _ = common.load_resume(out, "reward", model, optimizer, logger, args.steps, config=asdict(config),
+                                      device=device)
 
     def save(step, final=None, offset=0.0):
         meta = {"stage": "reward", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "reward_offset": offset, "final": final or {}}
-        resume = {"optimizer": optimizer.state_dict(), "rng": common.rng_state(), "step": step}
-        common.save_checkpoint(out, model, meta, resume)
+        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer))
 
     # -- the loop --------------------------------------------------------------
     model.train()
     metrics = {}
+    common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -288,11 +280,10 @@ if __name__ == "__main__":
         with common.autocast(device, dtype):
             r_chosen, r_rejected = score_pairs(model, [train_pairs[i] for i in batch], pad_id, device)  # (B,), (B,)
         loss = bt_loss(r_chosen.float(), r_rejected.float())
-        if not torch.isfinite(loss):
-            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         metrics = {"reward/loss": loss.item(), "reward/accuracy": (r_chosen > r_rejected).float().mean().item(),
                    "reward/margin": (r_chosen - r_rejected).mean().item(), "train/lr": lr,
@@ -303,6 +294,8 @@ if __name__ == "__main__":
         logger.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
         if step % args.eval_every == 0 and step < args.steps:
             save(step)
+        common.end_step(step, args.steps, save, out)
+    common.release_interrupt()
 
     # -- normalise: the SFT samples of the feedback file score 0 on average ------------
     with common.autocast(device, dtype):

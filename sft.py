@@ -81,7 +81,7 @@ def messages_to_pair(messages, where):
 def load_sft(path, flag="--data"):
     """Demonstrations from JSONL: {"prompt","response"} or {"messages":[...]} per line -> [{"prompt","response",...}]."""
     rows = common.read_jsonl(path, flag=flag)  # valid JSON objects, else file:line
-    linenos = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    linenos = common.jsonl_line_numbers(path)
     out = []
     for row, lineno in zip(rows, linenos):
         where = f"{path}:{lineno}"
@@ -163,7 +163,8 @@ def gold_eval(model, enc, world, prompts, args, device, seed, prefix="eval/"):
 if __name__ == "__main__":
     args = parser.parse_args()
     common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "eval-prompts", "max-new-tokens",
-                          "sample-batch-size")
+                          "sample-batch-size", "temperature", "grad-clip")
+    common.check_nonnegative(args, "warmup-steps", "weight-decay")
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     kernels.set_backend(args.kernels)  # unused here: the SFT loss is plain cross-entropy on the logits
@@ -214,30 +215,19 @@ if __name__ == "__main__":
     generator = torch.Generator().manual_seed(args.seed)  # which demonstrations each step sees
     logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
     start = 0
-    if args.resume and (out / "resume.pt").exists():
-        common.load_meta(out, "sft", "--out")
-        state = torch.load(out / "resume.pt", weights_only=False)
-        model.load_state_dict(common.load_state_dict(out, device))
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        common.set_rng_state(state["rng"])
-        start = state["step"]
-        if start >= args.steps:
-            print(f"{out} already finished its {args.steps} steps: nothing to resume")
-            raise SystemExit(0)
-        logger.truncate_after(start)
-        print(f"resumed from {out} at step {start}")
+    if args.resume:
+        start, _ = common.load_resume(out, "sft", model, optimizer, logger, args.steps, {"data": generator},
+                                      asdict(config), device)
 
     def save(step, final=None):
         meta = {"stage": "sft", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "final": final or {}}
-        resume = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                  "rng": common.rng_state(), "step": step}
-        common.save_checkpoint(out, model, meta, resume)
+        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer, {"data": generator}))
 
     # -- the loop --------------------------------------------------------------
     model.train()
     metrics = {}
+    common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -248,11 +238,10 @@ if __name__ == "__main__":
         with common.autocast(device, dtype):
             logits = model(x)  # (B, T, V); right padding needs no attention mask
         loss = sft_loss(logits, y)
-        if not torch.isfinite(loss):
-            common.die(f"step {step}: the loss is {loss.item()}; the last good checkpoint is kept in {out}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
                    "samples": step * args.batch_size}
@@ -271,6 +260,8 @@ if __name__ == "__main__":
                                                                     generator=gen)):
                 print(f"  sample: {p!r} -> {s['text']!r}")
             save(step)
+        common.end_step(step, args.steps, save, out)
+    common.release_interrupt()
 
     # -- final evaluation: pretrained vs SFT vs ideal, on every held-out prompt --
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "samples")}

@@ -16,3 +16,122 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+# -----------------------------------------------------------------------------
+# Running a stage as a user would, killing it, and comparing two runs (tests of resume and bad input)
+
+import json  # noqa: E402
+import runpy  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
+
+
+@pytest.fixture
+def stage_here(monkeypatch, capsys):
+    """run(argv, env={}) runs a stage script in this process (runpy: no new interpreter to start,
+    which costs seconds) and returns a CompletedProcess with its exit status, stdout and stderr."""
+    def run(argv, env=None):
+        argv = list(map(str, argv))
+        code, threads, handler = 0, torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+        with monkeypatch.context() as m:
+            m.setattr(sys, "argv", argv)
+            for k, v in (env or {}).items():
+                m.setenv(k, str(v))
+            torch.set_num_threads(1)
+            try:
+                runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+            except SystemExit as e:
+                code = e.code
+            finally:
+                torch.set_num_threads(threads)
+                signal.signal(signal.SIGINT, handler)  # a stage's Ctrl-C handler must not outlive it
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+    return run
+
+
+@pytest.fixture
+def kill_resume(stage_here):
+    """run(argv, kill_at) runs a stage in a new process that SIGKILLs itself at step kill_at (the
+    RLHF_KILL_AT_STEP hook in common.end_step, or another hook), checks it died so, then resumes it
+    with --resume in this process. Returns (the killed run, the resumed run)."""
+    def run(argv, kill_at, hook="RLHF_KILL_AT_STEP"):
+        argv = list(map(str, argv))
+        killed = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, hook: str(kill_at)},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        resumed = stage_here(argv + ["--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        return killed, resumed
+    return run
+
+
+def metrics_without_time(path):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]
+
+
+@pytest.fixture
+def same_run():
+    """check(a, b): two stage folders hold the same run: metrics.jsonl row for row (wall-clock time
+    aside; every step exactly once), the same final metrics in meta.json and bit-identical weights."""
+    def check(a, b, steps=None):
+        a, b = Path(a), Path(b)
+        rows_a, rows_b = metrics_without_time(a / "metrics.jsonl"), metrics_without_time(b / "metrics.jsonl")
+        assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]
+        if steps is not None:
+            assert [r["step"] for r in rows_b] == list(steps)
+        assert rows_b == rows_a
+        meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+        assert meta_b["final"] == meta_a["final"] and meta_b["step"] == meta_a["step"]
+        if (a / "model.pt").exists():
+            wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+            assert wa.keys() == wb.keys()
+            for k in wa:
+                assert torch.equal(wa[k], wb[k]), k
+    return check
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """The tiny chain data -> tokenizer -> pretrain -> sft -> feedback at a few-second size, every
+    stage run as a user would (its own process). Returns (folder, run) with run(script, *args)."""
+    from tokenizer import save_tokenizer, train_bpe
+    from world import write_data
+
+    tmp = tmp_path_factory.mktemp("chain")
+    data = tmp / "data"
+    write_data(data, n_sft=120, n_prompts=60, n_eval=10, n_paragraphs=300)
+    save_tokenizer(train_bpe((data / "pretrain.txt").read_text(), 300), tmp / "tok")
+
+    def run(script, *args):
+        r = subprocess.run([sys.executable, script, *map(str, args), "--device", "cpu"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
+        return r
+
+    run(*pretrain_args(tmp, "pretrain"))
+    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-data",
+        data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+        "--eval-prompts", 4, "--max-new-tokens", 8)
+    run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
+        "--num-prompts", 60, "--max-new-tokens", 8)
+    return tmp, run
+
+
+def pretrain_args(tmp, out, *extra):
+    """The chain's pretraining: 4 steps, a checkpoint at step 2."""
+    return ["pretrain.py", "--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--out", tmp / out,
+            "--steps", 4, "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--batch-size", 4, "--eval-every", 2,
+            "--eval-batches", 1, "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def chain_pretrain_args():
+    return pretrain_args

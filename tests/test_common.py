@@ -66,8 +66,10 @@ def test_metrics_logger_appends_and_truncates_on_resume(tmp_path, capsys):
     log2.truncate_after(2)  # the checkpoint was at step 2: steps 3 and 4 will be logged again
     log2.log(3, {"train/loss": 0.3})
     assert [r["step"] for r in common.read_metrics(path)] == [1, 2, 3]
-    common.MetricsLogger(path, total_steps=5)  # a fresh (not resumed) run starts a new file
-    assert not path.exists()
+    fresh = common.MetricsLogger(path, total_steps=5)  # a fresh (not resumed) run starts a new file...
+    assert len(common.read_metrics(path)) == 3  # ...at its first row: bad input found before it changes nothing
+    fresh.log(1, {"train/loss": 2.0})
+    assert common.read_metrics(path)[0]["train/loss"] == 2.0 and len(common.read_metrics(path)) == 1
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -4,6 +4,7 @@ a learning check a sign-flipped loss fails, and a tiny end-to-end run (frozen re
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -191,12 +192,16 @@ def tiny_run(tmp_path_factory):
     common.atomic_write_jsonl(tmp / "data" / "eval_prompts.jsonl", [world.sample_prompt(rng) for _ in range(6)])
     common.atomic_write_json(tmp / "data" / "world.json", world.to_json())
 
-    def run(out, *extra):
-        cmd = [sys.executable, "dpo.py", "--init", tmp / "sft", "--data", tmp / "prefs.jsonl", "--out", tmp / out,
-               "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "eval_prompts.jsonl",
-               "--eval-prompts", 6, "--max-new-tokens", 6, "--lr", 1e-2, "--device", "cpu", *extra]
-        return subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    def argv(out, *extra):
+        return ["dpo.py", "--init", tmp / "sft", "--data", tmp / "prefs.jsonl", "--out", tmp / out,
+                "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "eval_prompts.jsonl",
+                "--eval-prompts", 6, "--max-new-tokens", 6, "--lr", 1e-2, "--device", "cpu", *extra]
 
+    def run(out, *extra):
+        return subprocess.run([sys.executable, *map(str, argv(out, *extra))], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    run.argv = argv
     return tmp, run
 
 
@@ -241,6 +246,17 @@ def test_end_to_end_reference_frozen_and_deterministic(tiny_run):
     nearest = lambda x, values: (values - x).abs().min().item()  # noqa: E731
     assert max(nearest(x, sft_values) for x in ref_chosen.tolist()) < 1e-3
     assert max(nearest(x, dpo_values) for x in ref_chosen.tolist()) > 1e-2  # the policy moved, the reference did not
+
+
+def test_killed_at_a_checkpoint_resumes_to_the_same_run(tiny_run, kill_resume, same_run):
+    tmp, run = tiny_run
+    if not (tmp / "a" / "metrics.jsonl").exists():
+        assert run("a").returncode == 0  # the uninterrupted run, in its own process
+    # SIGKILL right after step 2's checkpoint: the stored reference log-probs come back with it
+    killed, resumed = kill_resume(run.argv("killed"), kill_at=2)
+    assert "step 2/4" in killed.stdout and "reference log-probs" in killed.stdout
+    assert "resumed from" in resumed.stdout and "reference log-probs" not in resumed.stdout
+    same_run(tmp / "a", tmp / "killed", steps=range(0, 5))  # step 0 (the SFT model) logged once too
 
 
 def test_bad_preference_file_stops_with_file_and_line(tiny_run):

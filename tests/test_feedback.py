@@ -200,3 +200,32 @@ def test_missing_prompt_field_is_a_file_line_error(tiny_sft, monkeypatch, capsys
     r = run_here(monkeypatch, capsys, ["feedback.py", "--init", tmp / "sft", "--data", bad, "--out", tmp / "bad"])
     assert r.returncode == 2 and f"{bad}:2: missing field 'prompt'" in r.stderr
     assert not (tmp / "bad" / "pairs.jsonl").exists()
+
+
+def test_killed_while_sampling_and_while_labelling_resumes_to_the_same_labels(tiny_sft, stage_here):
+    tmp, _ = tiny_sft
+    if not (tmp / "a" / "preferences.jsonl").exists():
+        r = subprocess.run(list(map(str, [sys.executable, *sample_args(tmp, "a")])), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    argv = list(map(str, sample_args(tmp, "k") + ["--save-every", 20]))
+    # 1. SIGKILL after sampling batch 2 of 3 (RLHF_KILL_AT_STEP, common.end_step's test hook)
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, "RLHF_KILL_AT_STEP": "2"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -9 and "step 2/3" in r.stdout and not (tmp / "k" / "pairs.jsonl").exists(), r.stderr
+    # 2. resumed: batch 3 is sampled with the generator where it was; SIGKILL after 50 labels (saved every 20)
+    r = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, env={**ENV, "RLHF_KILL_AT_LABEL": "50"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9 and "resumed sampling" in r.stdout and "at step 2 of 3" in r.stdout, r.stderr
+    assert len(common.read_jsonl(tmp / "k" / "preferences.jsonl")) == 40
+    # 3. resumed: the 40 saved labels are kept, the pairs not sampled again
+    r = stage_here(argv + ["--resume"])
+    assert r.returncode == 0 and "40 labelled" in r.stdout, r.stderr
+    for name in ("pairs.jsonl", "preferences.jsonl", "skipped.jsonl"):
+        assert (tmp / "k" / name).read_text() == (tmp / "a" / name).read_text(), name
+    meta_a, meta_k = (json.loads((tmp / d / "meta.json").read_text()) for d in ("a", "k"))
+    assert meta_k["final"] == meta_a["final"] and meta_k["counts"] == meta_a["counts"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]  # noqa: E731
+    rows = strip(common.read_metrics(tmp / "k" / "metrics.jsonl"))
+    assert rows == strip(common.read_metrics(tmp / "a" / "metrics.jsonl")) and [r["step"] for r in rows] == [1, 2, 3]
+    assert not (tmp / "k" / "samples.pt").exists()

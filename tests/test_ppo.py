@@ -298,19 +298,39 @@ def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=tol), k
 
 
-def test_resume_continues_exactly_where_it_stopped(stages, straight):
-    first = run_ppo(stages, stages / "resumed", "--steps", "2", "--kernels", "torch", "--kl-estimator", "full")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_ppo(stages, stages / "resumed", "--steps", "4", "--kernels", "torch", "--kl-estimator", "full",
-                     "--resume")
-    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+def ppo_argv(d, out, *extra):
+    return ["ppo.py", "--init", d / "sft", "--reward", d / "reward", "--data", d / "data" / "prompts.jsonl",
+            "--eval-data", d / "data" / "eval_prompts.jsonl", "--out", out, "--batch-size", 4, "--minibatch-size", 2,
+            "--max-new-tokens", 5, "--ppo-epochs", 2, "--eval-prompts", 4, "--eval-every", 2, "--sample-every", 2,
+            "--steps", 4, "--kernels", "torch", "--kl-estimator", "full", *extra]
+
+
+def test_killed_between_checkpoints_resumes_exactly_where_it_stopped(stages, straight, kill_resume, same_run):
+    # SIGKILL right after step 3 is logged; the last checkpoint was at step 2
+    killed, resumed = kill_resume(ppo_argv(stages, stages / "resumed"), kill_at=3)
+    assert "step 3/4" in killed.stdout and "step 4/4" not in killed.stdout
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout and "8 episodes done" in resumed.stdout
     assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]  # step 0: the SFT model's eval/* before any update
     assert straight[0]["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "objective/kl" not in straight[0]
     assert "eval/gold_reward" in straight[2] and "eval/proxy_score" in straight[2] and "objective/kl" in straight[1]
-    assert metrics_without_time(stages / "resumed" / "metrics.jsonl") == straight
+    same_run(stages / "straight", stages / "resumed", steps=range(0, 5))  # policy, metrics, final: identical
+    value_a, value_b = (torch.load(stages / d / "resume.pt", weights_only=False)["value_model"]
+                        for d in ("straight", "resumed"))
+    assert all(torch.equal(value_a[k], value_b[k]) for k in value_a)  # and the value model too
     meta = json.loads((stages / "resumed" / "meta.json").read_text())
     assert meta["stage"] == "ppo" and meta["step"] == 4 and "eval/gold_reward" in meta["final"]
     common.load_policy(stages / "resumed", "cpu", expect_stage="ppo")  # a GPT that the next stage can load
+
+
+def test_adaptive_kl_state_survives_a_kill(stages, kill_resume, same_run, stage_here):
+    """The adaptive controller's kl_coef lives in resume.pt: a resumed run continues its trajectory."""
+    argv = lambda out: ppo_argv(stages, stages / out, "--adaptive-kl", "--target-kl", "0.01", "--kl-horizon", "10",
+                                "--steps", 3, "--kl-estimator", "k1")  # noqa: E731
+    assert stage_here(argv("adaptive")).returncode == 0
+    kill_resume(argv("adaptive_resumed"), kill_at=2)  # right after the checkpoint of step 2
+    same_run(stages / "adaptive", stages / "adaptive_resumed", steps=range(0, 4))
+    coefs = [r["objective/kl_coef"] for r in common.read_metrics(stages / "adaptive" / "metrics.jsonl")[1:]]
+    assert coefs[0] == 0.3 and coefs[2] != coefs[1] != coefs[0]  # it moved at every step
 
 
 def test_a_reward_model_from_the_wrong_stage_stops_with_one_clear_line(stages):

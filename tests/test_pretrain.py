@@ -76,3 +76,26 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: --data")
     assert not (tmp_path / "o").exists()
+
+
+def test_pretraining_killed_between_checkpoints_resumes_to_the_same_run(chain, chain_pretrain_args, kill_resume,
+                                                                       same_run):
+    tmp, _ = chain  # its pretrain folder is the uninterrupted run
+    killed, resumed = kill_resume(chain_pretrain_args(tmp, "pretrain_killed"), kill_at=3)
+    assert "step 3/4" in killed.stdout and "step 4/4" not in killed.stdout
+    assert f"resumed from {tmp / 'pretrain_killed'} at step 2" in resumed.stdout
+    same_run(tmp / "pretrain", tmp / "pretrain_killed", steps=range(1, 5))
+
+
+def test_two_runs_with_the_same_seed_write_the_same_metrics(chain, chain_pretrain_args, stage_here, same_run):
+    tmp, _ = chain
+    r = stage_here(chain_pretrain_args(tmp, "pretrain_again"))  # in this process; the chain's ran in its own
+    assert r.returncode == 0, r.stderr
+    same_run(tmp / "pretrain", tmp / "pretrain_again", steps=range(1, 5))
+    r = stage_here(chain_pretrain_args(tmp, "pretrain_seed2", "--seed", 2))  # the check can tell runs apart
+    assert metrics_rows(tmp / "pretrain_seed2") != metrics_rows(tmp / "pretrain")
+
+
+def metrics_rows(folder):
+    return [{k: v for k, v in r.items() if k != "time/elapsed_s"}
+            for r in (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())]

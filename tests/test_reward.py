@@ -4,10 +4,8 @@ resume, and the tiny chain pretrain -> sft -> feedback -> reward."""
 
 import json
 import math
-import os
 import random
 import runpy
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
@@ -153,46 +150,9 @@ def test_reward_py_stops_on_bad_data_before_loading_anything(tmp_path, monkeypat
 # The chain pretrain -> sft -> feedback -> reward at a few-second size
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    from tokenizer import save_tokenizer, train_bpe
-    from world import write_data
-
-    tmp = tmp_path_factory.mktemp("chain")
-    data = tmp / "data"
-    write_data(data, n_sft=120, n_prompts=60, n_eval=10, n_paragraphs=300)
-    save_tokenizer(train_bpe((data / "pretrain.txt").read_text(), 300), tmp / "tok")
-
-    def run(script, *args):
-        r = subprocess.run([sys.executable, script, *map(str, args), "--device", "cpu"], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
-        return r
-
-    run("pretrain.py", "--data", data / "pretrain.txt", "--tokenizer", tmp / "tok", "--out", tmp / "pretrain",
-        "--steps", 3, "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--batch-size", 4, "--eval-every", 3,
-        "--eval-batches", 1)
-    run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-data",
-        data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
-        "--eval-prompts", 4, "--max-new-tokens", 8)
-    run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
-        "--num-prompts", 60, "--max-new-tokens", 8)
-    return tmp, run
-
-
-def run_here(monkeypatch, script, *args, stop_after=None):
-    """Run a stage in this process (runpy: no new interpreter to start). stop_after=N raises
-    KeyboardInterrupt right after step N is logged, as a Ctrl-C there would."""
+def run_here(monkeypatch, script, *args):
+    """Run a stage in this process (runpy: no new interpreter to start)."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, args), "--device", "cpu"])
-    if stop_after is not None:
-        log = common.MetricsLogger.log
-
-        def log_then_stop(self, step, metrics, show=None):
-            row = log(self, step, metrics, show)
-            if step == stop_after:
-                raise KeyboardInterrupt
-            return row
-        monkeypatch.setattr(common.MetricsLogger, "log", log_then_stop)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
     try:
@@ -238,21 +198,17 @@ def test_chain_ends_with_a_normalised_reward_model(chain):
     assert meta["reward_offset"] != 0  # (the untrained head did not score them 0 by chance)
 
 
-def test_interrupted_reward_run_resumes_to_the_same_metrics(chain, monkeypatch, capsys):
+def test_reward_run_killed_at_a_checkpoint_resumes_to_the_same_run(chain, kill_resume, same_run):
     tmp, run = chain
     if not (tmp / "reward" / "metrics.jsonl").exists():
         run(*reward_args(tmp, "reward"))  # the uninterrupted run, in its own process
-    with pytest.raises(KeyboardInterrupt):  # stopped after step 3 is logged; the last save was at step 2
-        run_here(monkeypatch, *reward_args(tmp, "r2"), stop_after=3)
-    assert json.loads((tmp / "r2" / "meta.json").read_text())["step"] == 2
-    assert [r["step"] for r in common.read_metrics(tmp / "r2" / "metrics.jsonl")] == [1, 2, 3]
-    capsys.readouterr()
-    run_here(monkeypatch, *reward_args(tmp, "r2", "--resume"))
-    assert f"resumed from {tmp / 'r2'} at step 2" in capsys.readouterr().out
-    # step 3 is done again, not twice: the same rows as the run that was never interrupted
-    assert strip(common.read_metrics(tmp / "r2" / "metrics.jsonl")) == strip(common.read_metrics(tmp / "reward" / "metrics.jsonl"))
+    # SIGKILL right after step 4's checkpoint (--eval-every 2): resumed from step 4, not from 2
+    killed, resumed = kill_resume(reward_args(tmp, "r2") + ["--device", "cpu"], kill_at=4)
+    assert "step 4/5" in killed.stdout and "step 5/5" not in killed.stdout
+    assert f"resumed from {tmp / 'r2'} at step 4" in resumed.stdout
+    same_run(tmp / "reward", tmp / "r2", steps=range(1, 6))
     a, b = (json.loads((tmp / d / "meta.json").read_text()) for d in ("reward", "r2"))
-    assert a["reward_offset"] == b["reward_offset"] and a["final"] == b["final"]
+    assert a["reward_offset"] == b["reward_offset"]
 
 
 def test_reward_model_learns_a_preference_it_can_see(chain, tmp_path, monkeypatch):

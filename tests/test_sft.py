@@ -1,5 +1,5 @@
 """SFT: the loss counts response tokens only (against a float64 loop), both data layouts and their
-error lines, and a tiny run of sft.py that resumes to the same metrics as an uninterrupted one."""
+error lines, and a tiny run of sft.py that, killed and resumed, ends as an uninterrupted one."""
 
 import json
 import math
@@ -29,19 +29,9 @@ def examples():
     return [([1, 5, 6, 2], [7, 8, 3]), ([1, 9, 2], [4, 4, 5, 6, 3]), ([1, 5, 5, 5, 5, 2], [3])]
 
 
-def run_here(monkeypatch, args, stop_after=None):
-    """Run a stage in this process (runpy: no new interpreter to start). stop_after=N raises
-    KeyboardInterrupt right after step N is logged, as a Ctrl-C there would."""
+def run_here(monkeypatch, args):
+    """Run a stage in this process (runpy: no new interpreter to start)."""
     monkeypatch.setattr(sys, "argv", list(map(str, args)))
-    if stop_after is not None:
-        log = common.MetricsLogger.log
-
-        def log_then_stop(self, step, metrics, show=None):
-            row = log(self, step, metrics, show)
-            if step == stop_after:
-                raise KeyboardInterrupt
-            return row
-        monkeypatch.setattr(common.MetricsLogger, "log", log_then_stop)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -227,18 +217,12 @@ def test_tiny_run_learns_and_reports_the_headroom(tiny):
     common.load_policy(tmp / "a", "cpu", expect_stage="sft")  # loadable as the next stage's --init
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(tiny, monkeypatch, capsys):
+def test_run_killed_between_checkpoints_resumes_to_the_same_run(tiny, kill_resume, same_run):
     tmp, args, run = tiny
     if not (tmp / "a" / "metrics.jsonl").exists():
         assert run("a").returncode == 0  # the uninterrupted run, in its own process
-    with pytest.raises(KeyboardInterrupt):  # stopped after step 3 is logged; the last save was at step 2
-        run_here(monkeypatch, args("b"), stop_after=3)
-    assert json.loads((tmp / "b" / "meta.json").read_text())["step"] == 2
-    assert [r["step"] for r in common.read_metrics(tmp / "b" / "metrics.jsonl")] == [1, 2, 3]
-    capsys.readouterr()
-    run_here(monkeypatch, args("b", "--resume"))
-    assert f"resumed from {tmp / 'b'} at step 2" in capsys.readouterr().out
-    # step 3 is done again, not twice: the same rows as the run that was never interrupted
-    assert strip(common.read_metrics(tmp / "b" / "metrics.jsonl")) == strip(common.read_metrics(tmp / "a" / "metrics.jsonl"))
-    a, b = (json.loads((tmp / d / "meta.json").read_text()) for d in ("a", "b"))
-    assert a["final"] == b["final"]
+    # SIGKILL right after step 3 is logged; the last checkpoint was at step 2 (--eval-every 2)
+    killed, resumed = kill_resume(args("b"), kill_at=3)
+    assert "step 3/6" in killed.stdout and "step 4/6" not in killed.stdout
+    assert f"resumed from {tmp / 'b'} at step 2" in resumed.stdout
+    same_run(tmp / "a", tmp / "b", steps=range(1, 7))  # step 3 done again, not twice
