@@ -207,13 +207,14 @@ if __name__ == "__main__":
             model.train()
             save(step)
 
-    # -- final evaluation and save -----------------------------------------------
-    if common.master_process:
-        final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
-        if world is not None:
-            final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
-            print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "
-                  f"(greedy completion of {len(world.fact_prompts())} facts)")
-        save(args.steps, final)
-        print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    # -- final evaluation and save: rank 0 alone (every rank holds the same weights) --
     common.cleanup_ddp()
+    if not common.master_process:
+        raise SystemExit(0)
+    final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
+    if world is not None:
+        final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
+        print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "
+              f"(greedy completion of {len(world.fact_prompts())} facts)")
+    save(args.steps, final)
+    print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
