@@ -139,8 +139,10 @@ def wrap_ddp(model, device):
 
 
 def check_batch_split(batch_size, grad_accum=1, flag="--batch-size"):
+    """Every rank must get equal micro-batches: unequal ones would weigh examples unequally."""
     if batch_size % (ddp_world_size * grad_accum) != 0:
-        die(f"{flag} {batch_size} must be a multiple of processes x --grad-accum = {ddp_world_size} x {grad_accum}")
+        die(f"{flag} {batch_size} must be a multiple of {ddp_world_size * grad_accum} "
+            f"(processes {ddp_world_size} x micro-batches {grad_accum})")
 
 
 def micro_batches(batch, grad_accum=1):

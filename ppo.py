@@ -311,7 +311,7 @@ if __name__ == "__main__":
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
-    common.seed_everything(args.seed + common.ddp_rank)
+    common.seed_everything(args.seed + common.ddp_rank)  # rank 0 is the one-process run
 
     # -- data ------------------------------------------------------------------
     rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")

@@ -170,7 +170,7 @@ def test_a_batch_that_does_not_split_stops_with_one_clear_line(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:  # checked before anything is read or written
         run_here(monkeypatch, "pretrain.py", "--out", tmp_path / "o", "--batch-size", 6, "--grad-accum", 4)
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --batch-size 6 must be a multiple of processes x --grad-accum = 1 x 4"
+    assert capsys.readouterr().err.strip() == "error: --batch-size 6 must be a multiple of 4 (processes 1 x micro-batches 4)"
     assert not (tmp_path / "o").exists()
 
 
