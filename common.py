@@ -94,7 +94,7 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# DDP: the same script in N processes under torchrun, one per GPU (or per CPU process, with gloo)
+# DDP: the same script in N processes under torchrun, one per GPU (or N CPU processes, with gloo)
 #
 #   torchrun --standalone --nproc_per_node=N pretrain.py ...
 #
@@ -106,7 +106,7 @@ def set_rng_state(state):
 ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
 ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
-ddp = ddp_world_size > 1  # several processes: no DDP wrapper, no process group when there is one
+ddp = ddp_world_size > 1  # one process (torchrun or not): no process group, no DDP wrapper
 master_process = ddp_rank == 0  # this process prints, logs and saves; the others only train
 
 
