@@ -19,6 +19,7 @@ one-process runs go in-process to save that.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,18 @@ CURVES = ("train/loss", "train/grad_norm", "val/loss", "reward/loss", "reward/ma
 
 
 def torchrun(*args, timeout=180):
-    """2 processes, gloo. The timeout turns a hang (a rank waiting for a collective) into a failure."""
+    """2 processes, gloo. The timeout turns a hang (a rank waiting for a collective) into a failure, and
+    kills the launcher's whole process group, so no worker is left behind."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args[:1]))} still running after {timeout} s: a rank hung")
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
