@@ -100,6 +100,91 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# DDP: the same script in N processes under torchrun, one per GPU (or N CPU processes, with gloo)
+#
+#   torchrun --standalone --nproc_per_node=N pretrain.py ...
+#
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Without them (or with one process) ddp is False and
+# every helper below hands its input back untouched: a single-process run takes the path it always did.
+# --batch-size stays the global batch. Each rank trains on its slice of it (micro_batches), DDP
+# averages the gradients during backward, so every rank takes the same optimizer step.
+
+ddp_rank = int(os.environ.get("RANK", 0))
+ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
+ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+ddp = ddp_world_size > 1  # one process (torchrun or not): no process group, no DDP wrapper
+master_process = ddp_rank == 0  # this process prints, logs and saves; the others only train
+
+
+def setup_ddp(requested="auto"):
+    """setup_device for every process, then join the process group: nccl on CUDA (one GPU per
+    process, cuda:LOCAL_RANK), gloo on the CPU. Returns (device, dtype)."""
+    if not master_process:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr
+    device, dtype = setup_device(requested)
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+        elif device != "cpu":
+            die(f"--device {device}: DDP runs on CUDA (nccl) or the CPU (gloo)")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        print(f"ddp: {ddp_world_size} processes ({backend}) | rank 0 prints, logs and saves")
+    return device, dtype
+
+
+def wrap_ddp(model, device):
+    """The model to train through: DDP(model), whose backward all-reduces the gradients, or the model
+    itself in one process. Evaluate, generate and save through the unwrapped model."""
+    if not ddp:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[ddp_local_rank] if device.startswith("cuda") else None)
+
+
+def check_batch_split(batch_size, grad_accum=1, flag="--batch-size"):
+    """Every rank must get equal micro-batches: unequal ones would weigh examples unequally."""
+    if batch_size % (ddp_world_size * grad_accum) != 0:
+        die(f"{flag} {batch_size} must be a multiple of {ddp_world_size * grad_accum} "
+            f"(processes {ddp_world_size} x micro-batches {grad_accum})")
+
+
+def micro_batches(batch, grad_accum=1):
+    """This rank's share of a global batch (a list, or a tensor cut on its first dimension), as
+    grad_accum equal micro-batches. Rank r takes the r-th slice, so ranks x micro-batches cover the
+    batch once and in order: the examples one process sees with --grad-accum ranks * grad_accum."""
+    n = len(batch) // (ddp_world_size * grad_accum)
+    first = ddp_rank * grad_accum
+    return [batch[(first + k) * n : (first + k + 1) * n] for k in range(grad_accum)]
+
+
+def all_reduce_mean(metrics):
+    """The mean over ranks of a dict of numbers, in one all-reduce; the dict itself in one process."""
+    if not ddp:
+        return metrics
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)  # sum
+    return {k: v / ddp_world_size for k, v in zip(metrics, values.tolist())}
+
+
+def all_reduce_sum(x):
+    """A tensor summed over ranks (a new tensor); x itself in one process."""
+    if not ddp:
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x)
+    return x
+
+
+def cleanup_ddp():
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # Atomic files: write a temporary file in the same folder, flush, fsync, rename
 
 
@@ -272,7 +357,8 @@ def end_step(step, total, save, out, hook="RLHF_KILL_AT_STEP"):
     if at == str(step):
         os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
     if _stop["requested"] and step < total:  # (at the last step the run is about to finish anyway)
-        save(step)
+        if master_process:  # under torchrun, rank 0 alone writes
+            save(step)
         print(f"interrupted: checkpoint of step {step} saved in {out}; continue with: {resume_command()}", flush=True)
         raise SystemExit(130)
 
@@ -329,8 +415,8 @@ class MetricsLogger:
 
     def log(self, step, metrics, show=None):
         """metrics: dict of floats (namespaced names). show: the keys to print (default: all)."""
-        if self.start_step is None:
-            self.start_step, self.t0 = step - 1, time.time()
+        if self.start_step is None:  # the clock started when the logger was made, right before the loop
+            self.start_step = step - 1
         elapsed = time.time() - self.t0
         done = step - self.start_step
         eta = elapsed / max(done, 1) * (self.total - step)

@@ -19,12 +19,13 @@ What it gives up against RLHF with PPO:
     we estimate it separately on the policy's own samples (eval/kl_to_sft).
 Simplified against the paper: the reference is simply the SFT model we start from (the paper first
 fine-tunes on the preferred answers when no SFT model exists), single-turn prompts, pairs longer
-than the context skipped, no gradient accumulation.
+than the context skipped.
 
     python dpo.py                                # CPU, the tiny world: out/sft + out/feedback -> out/dpo, ~2 min
     python dpo.py --device cuda --batch-size 64 --eval-prompts 600               # one GPU
     python dpo.py --device cuda --init out/sft_gpt2 --data hh.jsonl --lr 5e-6 --beta 0.1 \\
         --eval-prompts 0 --out out/dpo_hh          # real preference data (TRL or HH layout; no gold judge)
+    torchrun --standalone --nproc_per_node=4 dpo.py --device cuda --batch-size 64   # 4 GPUs, 16 pairs each
 """
 
 import argparse
@@ -50,7 +51,8 @@ g = parser.add_argument_group("dpo")
 g.add_argument("--beta", type=float, default=0.3, help="strength of the implicit KL: reward = beta log pi/pi_ref")
 g.add_argument("--label-smoothing", type=float, default=0.0, help="eps: share of labels assumed flipped (cDPO)")
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
+g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=int, default=10)
 g.add_argument("--weight-decay", type=float, default=0.0)
@@ -153,17 +155,18 @@ def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "beta", "eval-every", "max-new-tokens", "temperature",
-                          "grad-clip")
+    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "beta", "eval-every", "max-new-tokens",
+                          "temperature", "grad-clip")
     common.check_nonnegative(args, "warmup-steps", "weight-decay", "eval-prompts")
+    common.check_batch_split(args.batch_size, args.grad_accum)
     if not 0 <= args.val_fraction < 1:
         common.die(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not 0 <= args.label_smoothing < 0.5:
         common.die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     out = Path(args.out)
     kernels.set_backend(args.kernels)
-    device, dtype = common.setup_device(args.device)
-    common.seed_everything(args.seed)
+    device, dtype = common.setup_ddp(args.device)
+    common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
 
     # -- models: the policy and the frozen reference both start as the SFT model ---------------
     policy, enc, init_meta = common.load_policy(args.init, device, expect_stage=("sft", "pretrain"))
@@ -200,8 +203,9 @@ if __name__ == "__main__":
             print(f"note: {args.eval_data} was not written by world.py: no gold judge, only eval/kl_to_sft")
     pad_id = enc.eot_token
 
+    train_policy = common.wrap_ddp(policy, device)  # trained through DDP on several ranks; `policy` evaluates and saves
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
     start, state = 0, None
     if args.resume:  # the data position follows from the step (batch_indices)
         start, state = common.load_resume(out, "dpo", policy, optimizer, logger, args.steps, config=init_meta["config"],
@@ -212,6 +216,7 @@ if __name__ == "__main__":
         ref_logps = state["ref_logps"]
     else:
         # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
+        # (Every rank computes all of them: simpler than sharding and gathering, and done once.)
         ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
                      "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
         print(f"reference log-probs of {2 * (n_train + len(val_data)):,} answers computed "
@@ -237,7 +242,7 @@ if __name__ == "__main__":
 
     # -- the loop ----------------------------------------------------------------------------
     show = ["dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"]
-    if start == 0:  # step 0: the SFT model itself, the start of every curve
+    if start == 0 and common.master_process:  # step 0: the SFT model itself, the start of every curve
         logger.log(0, {"pairs": 0, **evaluate()}, show=show)
     metrics = {}
     common.catch_interrupt()
@@ -245,35 +250,46 @@ if __name__ == "__main__":
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = batch_indices(step, n_train, args.batch_size, args.seed)
-        idx, mask, resp = (t.to(device) for t in collate_pairs([train_data[i] for i in ids], pad_id))
-        with common.autocast(device, dtype):
-            logps = sequence_logprobs(policy, idx, mask, resp)  # (2B,) chosen then rejected
-        chosen_logps, rejected_logps = logps[: len(ids)], logps[len(ids) :]
-        ref_chosen, ref_rejected = (x[ids].to(device) for x in ref_logps["train"])
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
-                                                             args.beta, args.label_smoothing)
-        loss = losses.mean()
+        ids = batch_indices(step, n_train, args.batch_size, args.seed)  # the global batch, the same on every rank
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = dict.fromkeys(["dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward",
+                              "dpo/chosen_logp", "dpo/rejected_logp"], 0.0)
+        for micro_step, micro in enumerate(common.micro_batches(ids, args.grad_accum)):
+            if common.ddp:  # all-reduce the gradients once, after the last micro-batch (as nanoGPT)
+                train_policy.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            idx, mask, resp = (t.to(device) for t in collate_pairs([train_data[i] for i in micro], pad_id))
+            with common.autocast(device, dtype):
+                logps = sequence_logprobs(train_policy, idx, mask, resp)  # (2b,) chosen then rejected
+            chosen_logps, rejected_logps = logps[: len(micro)], logps[len(micro) :]
+            ref_chosen, ref_rejected = (x[micro].to(device) for x in ref_logps["train"])
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                                                 args.beta, args.label_smoothing)
+            loss = losses.mean() / args.grad_accum  # equal micro-batches: the mean of their means is the batch's
+            loss.backward()
+            for k, v in (("dpo/loss", losses.mean()),
+                         ("dpo/accuracy", pair_accuracy(chosen_rewards, rejected_rewards)),
+                         ("dpo/margin", (chosen_rewards - rejected_rewards).mean()),
+                         ("dpo/chosen_reward", chosen_rewards.mean()), ("dpo/rejected_reward", rejected_rewards.mean()),
+                         ("dpo/chosen_logp", chosen_logps.mean()), ("dpo/rejected_logp", rejected_logps.mean())):
+                sums[k] += v.item() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
+        common.guard_finite(step, out, loss=sums["dpo/loss"], grad_norm=grad_norm)
         optimizer.step()
 
-        metrics = {"dpo/loss": loss.item(), "dpo/accuracy": pair_accuracy(chosen_rewards, rejected_rewards).item(),
-                   "dpo/margin": (chosen_rewards - rejected_rewards).mean().item(),
-                   "dpo/chosen_reward": chosen_rewards.mean().item(), "dpo/rejected_reward": rejected_rewards.mean().item(),
-                   "dpo/chosen_logp": chosen_logps.mean().item(), "dpo/rejected_logp": rejected_logps.mean().item(),
-                   "train/lr": lr, "train/grad_norm": grad_norm.item(), "pairs": step * args.batch_size}
-        if step % args.eval_every == 0 or step == args.steps:
+        metrics = {**common.all_reduce_mean(sums), "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                   "pairs": step * args.batch_size}
+        if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate())
         logger.log(step, metrics, show=show)
-        if step % args.eval_every == 0 and step < args.steps:
+        if common.master_process and step % args.eval_every == 0 and step < args.steps:
             save(step)
         common.end_step(step, args.steps, save, out)
     common.release_interrupt()
 
-    # -- final save -------------------------------------------------------------------------------
+    # -- final save: rank 0 alone (every rank holds the same weights) --------------------------------
+    common.cleanup_ddp()
+    if not common.master_process:
+        raise SystemExit(0)
     final = {k: v for k, v in metrics.items() if not k.startswith("train/")} or common.load_meta(out)["final"]
     save(args.steps, final)
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float) and "/" in k))

@@ -24,8 +24,12 @@ lm-human-preferences code (whose details cleanrl's lm-human-preference-details r
   pg_loss + vf_coef * vf_loss with one gradient-norm clip. With Adam and no shared weights, vf_coef
   matters mostly through that shared clip.
 - A constant learning rate (the original anneals it linearly), no dropout, no top-k/top-p while
-  sampling (plain temperature sampling, which is what the log-probs assume), one process, one
-  device, a tiny model and the tiny world instead of GPT-2 and books / TL;DR.
+  sampling (plain temperature sampling, which is what the log-probs assume), a tiny model and the
+  tiny world instead of GPT-2 and books / TL;DR.
+- Under torchrun each process samples its share of the prompts with its own seed and keeps its
+  rollouts; whitening and the logged statistics use means over all processes, DDP averages the
+  gradients. Each process's policy loss is its own token mean (the ranks' means are averaged, not
+  one mean over all their tokens).
 Kept as there: reward on the last real token only, per-token KL penalty in the reward (k1 by
 default), the adaptive KL controller, temperature applied when scoring log-probs, whitened
 advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
@@ -34,6 +38,8 @@ advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0
     python ppo.py --adaptive-kl --target-kl 3       # let the controller choose kl_coef
     python ppo.py --kl-coef 0.05 --steps 150        # too little leash: watch the reward model get fooled
     python ppo.py --device cuda --batch-size 256 --minibatch-size 64 --max-new-tokens 64   # one GPU
+    torchrun --standalone --nproc_per_node=4 ppo.py --device cuda --batch-size 1024 --minibatch-size 256 \
+        --max-new-tokens 64                     # 4 GPUs: 256 episodes each, minibatches of 64 each
 """
 
 import argparse
@@ -62,7 +68,7 @@ common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl",
 g = parser.add_argument_group("models")
 g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
 g = parser.add_argument_group("rollout")
-g.add_argument("--batch-size", type=int, default=64, help="prompts (episodes) per PPO step")
+g.add_argument("--batch-size", type=int, default=64, help="prompts (episodes) per PPO step, over all processes")
 g.add_argument("--max-new-tokens", type=int, default=32, help="longest response; longer ones are cut")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used to score log-probs")
 g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
@@ -79,7 +85,7 @@ g.add_argument("--kl-horizon", type=int, default=1000, help="horizon (episodes) 
 g.add_argument("--whiten-rewards", action="store_true", help="scale per-token rewards to unit variance")
 g = parser.add_argument_group("PPO")
 g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each batch of rollouts")
-g.add_argument("--minibatch-size", type=int, default=16, help="episodes per gradient step")
+g.add_argument("--minibatch-size", type=int, default=16, help="episodes per gradient step, over all processes")
 g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (policy and value)")
 g.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clip")
 g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
@@ -100,22 +106,26 @@ g.add_argument("--show-samples", type=int, default=3)
 # The math, importable (tests/test_ppo.py checks each piece against a plain reference)
 
 
-def masked_mean(x, mask):
-    """Mean over the real tokens (mask 1) only."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, across_ranks=False):
+    """Mean over the real tokens (mask 1) only; across_ranks: over the real tokens of every DDP process."""
+    total, count = (x * mask).sum(), mask.sum()
+    if across_ranks:
+        total, count = common.all_reduce_sum(total), common.all_reduce_sum(count)
+    return total / count.clamp(min=1)
 
 
-def masked_var(x, mask):
+def masked_var(x, mask, across_ranks=False):
     """Unbiased variance over the real tokens only."""
-    n = mask.sum()
-    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    n = common.all_reduce_sum(mask.sum()) if across_ranks else mask.sum()
+    var = masked_mean((x - masked_mean(x, mask, across_ranks)) ** 2, mask, across_ranks)
     return var * n / (n - 1).clamp(min=1)
 
 
-def whiten(x, mask, shift_mean=True, eps=1e-8):
+def whiten(x, mask, shift_mean=True, eps=1e-8, across_ranks=False):
     """Zero mean, unit variance over the real tokens; padding stays 0 and changes nothing.
-    shift_mean=False only rescales (used for rewards: their sign is information)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    shift_mean=False only rescales (used for rewards: their sign is information).
+    across_ranks: the mean and variance of every DDP process's tokens, as one process would see them."""
+    mean, var = masked_mean(x, mask, across_ranks), masked_var(x, mask, across_ranks)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -229,11 +239,11 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
     kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, logits, ref_logits, args.temperature) * mask
     rewards = compute_rewards(scores, kl, mask, kl_coef)
     if args.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
-    # 6. GAE advantages and returns; advantages whitened over the real tokens only
+        rewards = whiten(rewards, mask, shift_mean=False, across_ranks=True)
+    # 6. GAE advantages and returns; advantages whitened over the real tokens only (of every rank)
     values = values * mask
     advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
-    advantages = whiten(advantages, mask)
+    advantages = whiten(advantages, mask, across_ranks=True)
     return dict(query_responses=query_responses, attention_mask=attention_mask, context_length=P,
                 responses=responses, mask=mask, ended=ended, scores=scores, logprobs=logprobs,
                 ref_logprobs=ref_logprobs, entropy=entropy, kl=kl, values=values, rewards=rewards,
@@ -247,8 +257,8 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
         m.eval()  # no dropout: the first ratio must compare the same function (so it is exactly 1)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = []
-    for epoch in range(args.ppo_epochs):
-        for mb in torch.randperm(B, generator=generator).split(args.minibatch_size):
+    for epoch in range(args.ppo_epochs):  # under DDP, B is this rank's share and so is each minibatch
+        for mb in torch.randperm(B, generator=generator).split(args.minibatch_size // common.ddp_world_size):
             mb = mb.to(batch["responses"].device)
             qr, am, mask = batch["query_responses"][mb], batch["attention_mask"][mb], batch["mask"][mb]
             with amp():
@@ -271,9 +281,10 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
     return stats
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, across_ranks=False):
     """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect value model, 0 a constant."""
-    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+    return (1 - masked_var(returns - values, mask, across_ranks)
+            / masked_var(returns, mask, across_ranks).clamp(min=1e-8)).item()
 
 
 # -----------------------------------------------------------------------------
@@ -283,15 +294,17 @@ if __name__ == "__main__":
     common.check_positive(args, "steps", "batch-size", "max-new-tokens", "temperature", "ppo-epochs",
                           "minibatch-size", "lr", "eval-every", "sample-every", "target-kl", "kl-horizon")
     common.check_nonnegative(args, "kl-coef", "vf-coef", "ent-coef", "cliprange-value", "grad-clip", "clip-coef")
+    common.check_batch_split(args.batch_size)
+    common.check_batch_split(args.minibatch_size, flag="--minibatch-size")
     if args.minibatch_size > args.batch_size:
         common.die(f"--batch-size {args.batch_size} is smaller than --minibatch-size {args.minibatch_size}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
         common.die(f"--gamma and --lam must be between 0 and 1, got {args.gamma} and {args.lam}")
     kernels.set_backend(args.kernels)
     out = Path(args.out)
-    device, dtype = common.setup_device(args.device)
+    device, dtype = common.setup_ddp(args.device)
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
-    common.seed_everything(args.seed)
+    common.seed_everything(args.seed + common.ddp_rank)  # rank 0 is the one-process run
 
     # -- data ------------------------------------------------------------------
     rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")
@@ -315,17 +328,20 @@ if __name__ == "__main__":
     max_prompt = min(policy.config.block_size, reward_model.transformer.config.block_size) - args.max_new_tokens
     prompt_ids = common.encode_prompts(enc, [r["prompt"] for r in rows], max_prompt, where=args.data)
     common.encode_prompts(enc, [r["prompt"] for r in eval_rows], max_prompt, where=args.eval_data)
+    # The rollouts use the models themselves; the PPO updates go through DDP, which all-reduces the gradients.
+    train_policy, train_value_model = common.wrap_ddp(policy, device), common.wrap_ddp(value_model, device)
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=args.lr,
                                   eps=1e-5, weight_decay=0.0)
     updates = args.ppo_epochs * -(-args.batch_size // args.minibatch_size)
     print(f"policy: {policy.num_params() / 1e6:.2f}M parameters from {args.init} | {len(rows)} prompts | "
-          f"{args.batch_size} episodes/step, {args.steps * args.batch_size} in all | {updates} updates/step")
+          f"{args.batch_size} episodes/step, {args.steps * args.batch_size} in all | {updates} updates/step"
+          + (f" | {args.batch_size // common.ddp_world_size} episodes per process" if common.ddp else ""))
 
-    prompt_generator = torch.Generator().manual_seed(args.seed)  # which prompts each step
-    sample_generator = torch.Generator(device).manual_seed(args.seed + 1)  # the sampled tokens
+    prompt_generator = torch.Generator().manual_seed(args.seed)  # which prompts each step (the same on every rank)
+    sample_generator = torch.Generator(device).manual_seed(args.seed + 1 + 1000 * common.ddp_rank)  # tokens: per rank
     shuffle_generator = torch.Generator().manual_seed(args.seed + 2)  # the minibatches
     kl_coef, start = args.kl_coef, 0
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
     generators = {"prompt": prompt_generator, "sample": sample_generator, "shuffle": shuffle_generator}
     if args.resume:  # the policy, optimizer and generators; then the value model and the adaptive KL's state
         start, state = common.load_resume(out, "ppo", policy, optimizer, logger, args.steps, generators,
@@ -333,6 +349,8 @@ if __name__ == "__main__":
         if state is not None:
             value_model.load_state_dict(state["value_model"])
             kl_coef = state["kl_coef"]
+            if common.ddp_rank > 0:  # rank 0's sampling stream was saved; the other ranks start fresh ones of their own
+                sample_generator.manual_seed(args.seed + 1 + 1000 * common.ddp_rank + start)
             print(f"  kl_coef {kl_coef:.4g}, {start * args.batch_size} episodes done")
 
     def save(step, final=None):
@@ -349,44 +367,52 @@ if __name__ == "__main__":
         return common.policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
                                   args.seed, world, reward_model)
 
-    if start == 0 and eval_rows:  # step 0: the SFT model itself, the start of every eval/* curve
+    if start == 0 and eval_rows and common.master_process:  # step 0: the SFT model itself, the start of every eval/* curve
         logger.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
     metrics = {}
     common.catch_interrupt()
     for step in range(start + 1, args.steps + 1):
         pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()
+        pick = common.micro_batches(pick)[0]  # this rank's share of the prompts (all of them in one process)
         queries, query_mask = left_pad([prompt_ids[i] for i in pick], pad_id, device)  # (B, P), left-padded
         batch = rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, args, kl_coef,
                         end_id, pad_id, sample_generator, amp)
-        mb_stats = ppo_update(policy, value_model, optimizer, batch, args, shuffle_generator, amp, step)
+        mb_stats = ppo_update(train_policy, train_value_model, optimizer, batch, args, shuffle_generator, amp, step)
 
         mask, seq_kl = batch["mask"], batch["kl"].sum(1)  # (B,) sequence KL to the reference
-        metrics = {"objective/score": batch["scores"].mean().item(), "objective/kl": seq_kl.mean().item(),
-                   "objective/entropy": masked_mean(batch["entropy"], mask).item(),
-                   "objective/reward": (batch["scores"] - kl_coef * seq_kl).mean().item(), "objective/kl_coef": kl_coef,
-                   **{k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]},
-                   "value/explained_variance": explained_variance(batch["values"], batch["returns"], mask),
-                   "response/length": mask.sum(1).float().mean().item(),
-                   "response/no_end_rate": 1 - batch["ended"].float().mean().item(),
-                   "episodes": step * args.batch_size}
-        if eval_rows and (step % args.eval_every == 0 or step == args.steps):
+        # Means over episodes or minibatches, the same number on every rank: the mean of the ranks' means is global.
+        metrics = common.all_reduce_mean({
+            "objective/score": batch["scores"].mean().item(), "objective/kl": seq_kl.mean().item(),
+            "objective/reward": (batch["scores"] - kl_coef * seq_kl).mean().item(),
+            **{k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]},
+            "response/length": mask.sum(1).float().mean().item(),
+            "response/no_end_rate": 1 - batch["ended"].float().mean().item()})
+        # Means over tokens, whose number differs between ranks: sums and counts all-reduced.
+        metrics.update({"objective/entropy": masked_mean(batch["entropy"], mask, across_ranks=True).item(),
+                        "value/explained_variance": explained_variance(batch["values"], batch["returns"], mask,
+                                                                       across_ranks=True),
+                        "objective/kl_coef": kl_coef, "episodes": step * args.batch_size})
+        if common.master_process and eval_rows and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate())
         logger.log(step, metrics, show=show)
-        if args.adaptive_kl:
+        if args.adaptive_kl:  # the global KL and the global batch: every rank computes the same kl_coef
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.target_kl, args.batch_size,
                                        args.kl_horizon)
-        if step % args.sample_every == 0:
+        if common.master_process and step % args.sample_every == 0:
             for i in range(min(args.show_samples, len(pick))):
                 prompt, text = rows[pick[i]]["prompt"], decode_response(enc, batch["responses"][i].tolist())
                 gold = f" | gold {world.gold_score(prompt, text):+.2f}" if world is not None else ""
                 print(f"  {prompt!r} -> {text!r}\n    score {batch['scores'][i].item():+.2f} | "
                       f"kl {seq_kl[i].item():+.2f}{gold}")
-        if step % args.eval_every == 0 and step < args.steps:
+        if common.master_process and step % args.eval_every == 0 and step < args.steps:
             save(step)
         common.end_step(step, args.steps, save, out)
     common.release_interrupt()
 
-    # -- final evaluation (on the last step) and save ---------------------------------
+    # -- final evaluation (on the last step) and save: rank 0 alone ---------------------
+    common.cleanup_ddp()
+    if not common.master_process:
+        raise SystemExit(0)
     final = {k: v for k, v in metrics.items() if k != "episodes"}
     save(args.steps, final)
     if "eval/gold_reward" in final:

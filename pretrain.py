@@ -6,10 +6,12 @@ that it was learned with `eval/fact_accuracy`: the greedy completion of "The <cr
 (and home, and food) must name the right value.
 
 Simplified against GPT-2: a tiny model, a tiny corpus, random windows instead of an epoch-ordered
-data loader, and no gradient accumulation.
+data loader.
 
     python pretrain.py                                   # CPU, the tiny world, a few minutes
     python pretrain.py --device cuda --n-layer 12 --n-head 12 --n-embd 768 --batch-size 64   # one GPU
+    torchrun --standalone --nproc_per_node=8 pretrain.py --device cuda --n-layer 12 --n-head 12 \
+        --n-embd 768 --batch-size 512 --grad-accum 4     # 8 GPUs: 16 sequences per micro-batch each
     python pretrain.py --data my_corpus.txt --tokenizer gpt2 --out out/pretrain_gpt2         # any text
 """
 
@@ -37,7 +39,8 @@ g.add_argument("--n-head", type=int, default=4)
 g.add_argument("--n-embd", type=int, default=128)
 g.add_argument("--dropout", type=float, default=0.0)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+g.add_argument("--batch-size", type=int, default=32, help="sequences per step, over all processes")
+g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=int, default=30)
 g.add_argument("--weight-decay", type=float, default=0.1)
@@ -101,16 +104,17 @@ def estimate_loss(model, data, args, device, dtype, generator):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "block-size", "n-layer", "n-head", "n-embd", "lr", "eval-every",
-                          "eval-batches", "grad-clip")
+    common.check_positive(args, "steps", "batch-size", "grad-accum", "block-size", "n-layer", "n-head", "n-embd", "lr",
+                          "eval-every", "eval-batches", "grad-clip")
     common.check_nonnegative(args, "warmup-steps", "weight-decay", "dropout")
+    common.check_batch_split(args.batch_size, args.grad_accum)
     if args.n_embd % args.n_head:
         common.die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     out = Path(args.out)
-    device, dtype = common.setup_device(args.device)
-    common.seed_everything(args.seed)
+    device, dtype = common.setup_ddp(args.device)
+    common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
 
     # -- data ------------------------------------------------------------------
     data_path = Path(args.data)
@@ -140,12 +144,13 @@ if __name__ == "__main__":
     config = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     model = GPT(config).to(device)
+    train_model = common.wrap_ddp(model, device)  # DDP copies rank 0's initial weights to every rank
     optimizer = configure_optimizer(model, args.lr, args.weight_decay)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters | {config}")
 
     generator = torch.Generator().manual_seed(args.seed)  # the data position: which windows each step sees
     val_generator_seed = args.seed + 1  # the same validation windows at every evaluation
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
     start = 0
     if args.resume:
         start, _ = common.load_resume(out, "pretrain", model, optimizer, logger, args.steps, {"data": generator},
@@ -164,25 +169,32 @@ if __name__ == "__main__":
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, args.batch_size, args.block_size, generator)
-        with common.autocast(device, dtype):
-            logits = model(x.to(device))  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+        x, y = get_batch(train_data, args.batch_size, args.block_size, generator)  # the global batch, same on every rank
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        train_loss = 0.0
+        for micro_step, (mx, my) in enumerate(zip(common.micro_batches(x, args.grad_accum),
+                                                  common.micro_batches(y, args.grad_accum))):
+            if common.ddp:  # all-reduce the gradients once, after the last micro-batch (as nanoGPT)
+                train_model.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            with common.autocast(device, dtype):
+                logits = train_model(mx.to(device))  # (b, T, V)
+            # Equal micro-batches: the mean of their mean losses is the mean over the batch.
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), my.to(device).flatten()) / args.grad_accum
+            loss.backward()
+            train_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
+        common.guard_finite(step, out, loss=train_loss, grad_norm=grad_norm)
         optimizer.step()
-        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                   "tokens": step * tokens_per_step}
-        if step % args.eval_every == 0 or step == args.steps:
+        metrics = {"train/loss": common.all_reduce_mean({"loss": train_loss})["loss"], "train/lr": lr,
+                   "train/grad_norm": grad_norm.item(), "tokens": step * tokens_per_step}
+        if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             val_loss = estimate_loss(model, val_data, args, device, dtype, torch.Generator().manual_seed(val_generator_seed))
             metrics["val/loss"] = val_loss
             if world is not None:
                 metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
                 model.train()
         logger.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
-        if step % args.eval_every == 0 and step < args.steps:
+        if common.master_process and step % args.eval_every == 0 and step < args.steps:
             model.eval()
             prompt = "The " + (world.entities[0] + "'s colour is" if world else "")
             idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
@@ -194,8 +206,11 @@ if __name__ == "__main__":
         common.end_step(step, args.steps, save, out)
     common.release_interrupt()
 
-    # -- final evaluation and save -----------------------------------------------
-    final = {"train/loss": loss.item(), "val/loss": val_loss}
+    # -- final evaluation and save: rank 0 alone (every rank holds the same weights) --
+    common.cleanup_ddp()
+    if not common.master_process:
+        raise SystemExit(0)
+    final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
     if world is not None:
         final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
         print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "

@@ -27,6 +27,7 @@ text. Batches group pairs of similar length (epoch_batches): half the padding, s
     python reward.py                                       # CPU, the tiny world, ~2 minutes
     python reward.py --device cuda --batch-size 64         # one GPU
     python reward.py --data hh_rlhf_train.jsonl --out out/reward_hh   # TRL or Anthropic HH layout
+    torchrun --standalone --nproc_per_node=4 reward.py --device cuda --batch-size 64   # 4 GPUs, 16 pairs each
 
 Data: JSONL with {"prompt","chosen","rejected"} (TRL), or Anthropic HH's {"chosen","rejected"}
 where each is a whole conversation "\\n\\nHuman: ...\\n\\nAssistant: ...". For HH rows the shared
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 import common
 import kernels
-from model import ScalarModel
+from model import ScalarModel, last_token_index
 from tokenizer import encode_prompt, encode_response
 
 # -----------------------------------------------------------------------------
@@ -54,7 +55,8 @@ from tokenizer import encode_prompt, encode_response
 parser = argparse.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
 common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=300)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
+g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=int, default=20)
 g.add_argument("--weight-decay", type=float, default=0.0)
@@ -151,7 +153,9 @@ def collate(seqs, pad_id):
 def score_pairs(model, pairs, pad_id, device):
     """(B,) r_chosen and (B,) r_rejected: both halves in one forward pass of 2B right-padded rows."""
     idx, mask = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
-    scores = model.score(idx.to(device), mask.to(device))  # (2B,), each read at its row's last real token
+    idx, mask = idx.to(device), mask.to(device)
+    values = model(idx, mask)  # (2B, T): forward, not .score(), as DDP all-reduces only through forward
+    scores = values[torch.arange(len(idx), device=device), last_token_index(mask)]  # each row's last real token
     return scores[: len(pairs)], scores[len(pairs):]
 
 
@@ -212,14 +216,15 @@ def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "grad-clip")
+    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "eval-every", "grad-clip")
     common.check_nonnegative(args, "warmup-steps", "weight-decay")
+    common.check_batch_split(args.batch_size, args.grad_accum)
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     kernels.set_backend(args.kernels)  # unused here: the reward model needs no per-token log-probs
     out = Path(args.out)
-    device, dtype = common.setup_device(args.device)
-    common.seed_everything(args.seed)
+    device, dtype = common.setup_ddp(args.device)
+    common.seed_everything(args.seed + common.ddp_rank)  # the head's init differs per rank; DDP copies rank 0's
 
     # -- data ------------------------------------------------------------------
     rows = load_preferences(args.data)  # read first: a bad line stops the run before anything is loaded
@@ -252,8 +257,9 @@ if __name__ == "__main__":
         common.die(f"--batch-size {args.batch_size} is larger than the {len(train_pairs)} training pairs")
 
     # -- optimizer, resume -----------------------------------------------------
+    train_model = common.wrap_ddp(model, device)  # trained through DDP on several ranks; `model` evaluates and saves
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
     start = 0
     if args.resume:  # the data position follows from the step (epoch_batches is seeded per epoch)
         start, _ = common.load_resume(out, "reward", model, optimizer, logger, args.steps, config=asdict(config),
@@ -276,26 +282,37 @@ if __name__ == "__main__":
         epoch, k = divmod(step - 1, n_batches)
         if epoch not in batches:
             batches = {epoch: epoch_batches(lengths, args.batch_size, args.seed + 1000 * epoch)}
-        batch = batches[epoch][k]
-        with common.autocast(device, dtype):
-            r_chosen, r_rejected = score_pairs(model, [train_pairs[i] for i in batch], pad_id, device)  # (B,), (B,)
-        loss = bt_loss(r_chosen.float(), r_rejected.float())
+        batch = batches[epoch][k]  # the global batch, the same on every rank
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = {"reward/loss": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
+        for micro_step, micro in enumerate(common.micro_batches(batch, args.grad_accum)):
+            if common.ddp:  # all-reduce the gradients once, after the last micro-batch (as nanoGPT)
+                train_model.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            with common.autocast(device, dtype):
+                r_chosen, r_rejected = score_pairs(train_model, [train_pairs[i] for i in micro], pad_id, device)  # (b,)
+            # Equal micro-batches: the mean of their mean losses is the mean over the batch.
+            loss = bt_loss(r_chosen.float(), r_rejected.float()) / args.grad_accum
+            loss.backward()
+            sums["reward/loss"] += loss.item()
+            sums["reward/accuracy"] += (r_chosen > r_rejected).float().mean().item() / args.grad_accum
+            sums["reward/margin"] += (r_chosen - r_rejected).mean().item() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
+        common.guard_finite(step, out, loss=sums["reward/loss"], grad_norm=grad_norm)
         optimizer.step()
-        metrics = {"reward/loss": loss.item(), "reward/accuracy": (r_chosen > r_rejected).float().mean().item(),
-                   "reward/margin": (r_chosen - r_rejected).mean().item(), "train/lr": lr,
-                   "train/grad_norm": grad_norm.item(), "pairs": step * args.batch_size}
-        if step % args.eval_every == 0 or step == args.steps:
+        metrics = {**common.all_reduce_mean(sums), "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                   "pairs": step * args.batch_size}
+        if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             with common.autocast(device, dtype):
                 metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
         logger.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
-        if step % args.eval_every == 0 and step < args.steps:
+        if common.master_process and step % args.eval_every == 0 and step < args.steps:
             save(step)
         common.end_step(step, args.steps, save, out)
     common.release_interrupt()
+
+    common.cleanup_ddp()
+    if not common.master_process:  # rank 0 alone normalises, evaluates and saves (all ranks hold the same weights)
+        raise SystemExit(0)
 
     # -- normalise: the SFT samples of the feedback file score 0 on average ------------
     with common.autocast(device, dtype):

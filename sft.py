@@ -22,6 +22,7 @@ batch, as reward.py does, halves the padding here too, but made the loss fall mo
     python sft.py                                               # CPU, the tiny world, ~1-2 minutes
     python sft.py --device cuda --batch-size 64 --eval-prompts 600    # one GPU
     python sft.py --data my_demos.jsonl --out out/sft_mine      # any chat JSONL (see load_sft)
+    torchrun --standalone --nproc_per_node=4 sft.py --device cuda --batch-size 64   # 4 GPUs, 16 each
 
 Data: JSONL with {"prompt","response"} per line, or {"messages":[{"role","content"},...]}.
 """
@@ -44,7 +45,8 @@ from world import load_world
 parser = argparse.ArgumentParser(description="Stage 1: supervised fine-tuning on demonstrations")
 common.add_common_args(parser, "sft", init="out/pretrain", data="data/sft.jsonl", steps=200)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="demonstrations per step")
+g.add_argument("--batch-size", type=int, default=32, help="demonstrations per step, over all processes")
+g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=int, default=20)
 g.add_argument("--weight-decay", type=float, default=0.0)
@@ -162,15 +164,16 @@ def gold_eval(model, enc, world, prompts, args, device, seed, prefix="eval/"):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "lr", "eval-every", "eval-prompts", "max-new-tokens",
-                          "sample-batch-size", "temperature", "grad-clip")
+    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "eval-every", "eval-prompts",
+                          "max-new-tokens", "sample-batch-size", "temperature", "grad-clip")
     common.check_nonnegative(args, "warmup-steps", "weight-decay")
+    common.check_batch_split(args.batch_size, args.grad_accum)
     if not 0 < args.val_fraction < 1:
         common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     kernels.set_backend(args.kernels)  # unused here: the SFT loss is plain cross-entropy on the logits
     out = Path(args.out)
-    device, dtype = common.setup_device(args.device)
-    common.seed_everything(args.seed)
+    device, dtype = common.setup_ddp(args.device)
+    common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
 
     # -- data (read first: a bad line stops the run before anything is loaded) ----
     rows = load_sft(args.data)
@@ -211,9 +214,10 @@ if __name__ == "__main__":
               f"every {args.eval_every} steps, all of them at the end (temperature {args.temperature})")
 
     # -- optimizer, resume -----------------------------------------------------
+    train_model = common.wrap_ddp(model, device)  # trained through DDP on several ranks; `model` evaluates and saves
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    generator = torch.Generator().manual_seed(args.seed)  # which demonstrations each step sees
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, resume=args.resume)
+    generator = torch.Generator().manual_seed(args.seed)  # which demonstrations each step sees (the same on every rank)
+    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
     start = 0
     if args.resume:
         start, _ = common.load_resume(out, "sft", model, optimizer, logger, args.steps, {"data": generator},
@@ -233,26 +237,35 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = torch.randint(len(train_examples), (args.batch_size,), generator=generator).tolist()
-        x, y = collate([train_examples[i] for i in batch], pad_id)  # (B, T), (B, T)
-        x, y = x.to(device), y.to(device)
-        with common.autocast(device, dtype):
-            logits = model(x)  # (B, T, V); right padding needs no attention mask
-        loss = sft_loss(logits, y)
+        n_tokens = sum(len(train_examples[i][1]) for i in batch)  # response tokens of the whole (global) batch
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        train_loss = 0.0
+        for micro_step, micro in enumerate(common.micro_batches(batch, args.grad_accum)):
+            if common.ddp:  # all-reduce the gradients once, after the last micro-batch (as nanoGPT)
+                train_model.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            x, y = collate([train_examples[i] for i in micro], pad_id)  # (b, T), (b, T)
+            x, y = x.to(device), y.to(device)
+            with common.autocast(device, dtype):
+                logits = train_model(x)  # (b, T, V); right padding needs no attention mask
+            # Every response token of the batch weighs the same, so a micro-batch counts for its share of
+            # the batch's tokens (times the ranks, as DDP averages their gradients); one batch: times 1.
+            share = sum(len(train_examples[i][1]) for i in micro) * common.ddp_world_size / n_tokens
+            loss = sft_loss(logits, y) * share
+            loss.backward()
+            train_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        common.guard_finite(step, out, loss=loss, grad_norm=grad_norm)
+        common.guard_finite(step, out, loss=train_loss, grad_norm=grad_norm)
         optimizer.step()
-        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                   "samples": step * args.batch_size}
-        if step % args.eval_every == 0 or step == args.steps:
+        metrics = {"train/loss": common.all_reduce_mean({"loss": train_loss})["loss"], "train/lr": lr,
+                   "train/grad_norm": grad_norm.item(), "samples": step * args.batch_size}
+        if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             metrics["val/loss"] = val_loss(model, val_examples, args.batch_size, pad_id, device, dtype)
             if eval_prompts:  # a subset during training, every held-out prompt at the last step
                 judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_prompts]
                 summary, samples = gold_eval(model, enc, world, judged, args, device, args.seed + 2)
                 metrics.update(summary)
         logger.log(step, metrics, show=["train/loss", "val/loss", "eval/gold_reward", "train/lr"])
-        if step % args.eval_every == 0 and step < args.steps:
+        if common.master_process and step % args.eval_every == 0 and step < args.steps:
             sample_prompts = [p["prompt"] for p in eval_prompts[:3]] or val_prompts[:3]
             gen = torch.Generator(device).manual_seed(step)
             for p, s in zip(sample_prompts, common.sample_responses(model, enc, sample_prompts, device,
@@ -263,7 +276,10 @@ if __name__ == "__main__":
         common.end_step(step, args.steps, save, out)
     common.release_interrupt()
 
-    # -- final evaluation: pretrained vs SFT vs ideal, on every held-out prompt --
+    # -- final evaluation: pretrained vs SFT vs ideal, on every held-out prompt (rank 0 alone) --
+    common.cleanup_ddp()
+    if not common.master_process:
+        raise SystemExit(0)
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "samples")}
     if eval_prompts:
         pretrained, _, _ = common.load_policy(args.init, device, expect_stage="pretrain")

@@ -1,0 +1,235 @@
+"""DDP: every stage under torchrun with 2 processes on the CPU (gloo), against one process.
+
+What must match, and how closely. `--batch-size B` is the global batch: rank r trains on the r-th
+half of it. One process with `--grad-accum 2` sees the same two halves as two micro-batches, and
+DDP's average of the two ranks' gradients, (g0 + g1) / 2, is bit for bit the one process's sum
+g0 / 2 + g1 / 2 (halving is exact in floating point; the loss of each half is scaled by an exact
+power of two or, for SFT, by its share of the tokens times the ranks). So against that run every
+logged number must be EQUAL. Against the plain one-process run (one batch, today's default path)
+the mean of two half-batch means differs from the one mean in the last bits (~1e-7) and Adam carries
+it on: the training curves must agree to rel 1e-5, or abs 1e-6 for figures near 0 such as a margin
+(measured: below 2e-6 relative, 2e-7 absolute, after 6 steps). Gradient accumulation under DDP (2 ranks
+x 2 micro-batches against 1 process x 4) sums the same quarters in another order: close, not equal.
+Numbers that sampling or a threshold decides (gold reward, accuracies) are left out of the close
+comparisons: a last-bit difference may flip a sampled token.
+
+Each torchrun launch costs ~10 s on a 2-core machine (three Python processes importing torch); the
+one-process runs go in-process to save that.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import ppo  # noqa: E402
+from model import left_pad  # noqa: E402
+from test_ppo import stages  # noqa: E402,F401  (fixture: a tiny SFT policy and reward model)
+from test_reward import run_here  # noqa: E402  (the chain fixture: pretrain -> sft -> feedback, in conftest.py)
+from tokenizer import special_id  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: two processes on two cores
+# Not dpo/margin: a difference of log-probs near -80, whose float32 last bits (~1e-5) it keeps whole.
+CURVES = ("train/loss", "train/grad_norm", "val/loss", "reward/loss", "reward/margin", "dpo/loss", "dpo/chosen_logp",
+          "dpo/rejected_logp")
+
+
+def torchrun(*args, timeout=180):
+    """2 processes, gloo. The timeout turns a hang (a rank waiting for a collective) into a failure, and
+    kills the launcher's whole process group, so no worker is left behind."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args[:1]))} still running after {timeout} s: a rank hung")
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def torchrun_ranks(tmp, script, *args):
+    """torchrun through tests/ddp_ranks.py: returns (result, [what rank 0 did, what rank 1 did])."""
+    r = torchrun("tests/ddp_ranks.py", tmp / "ranks", script, *args, "--device", "cpu")
+    return r, [torch.load(tmp / "ranks" / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
+
+
+def rows(path):
+    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in common.read_metrics(path)]
+
+
+def assert_curves_close(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in CURVES:
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+
+
+def assert_only_rank0_wrote(out, stdout, ranks=None, n_steps=None):
+    assert stdout.count("saved ") == 1  # rank 1 prints nothing (its stdout goes to /dev/null)
+    steps = [r["step"] for r in common.read_metrics(out / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and len(steps) == n_steps  # one logger: every step once
+    if ranks is not None:
+        assert ranks[1]["written"] == []
+        assert str(out / "model.pt") in ranks[0]["written"] and str(out / "meta.json") in ranks[0]["written"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written file left behind
+
+
+def few_preferences(tmp, n=96):
+    """The chain's first n preference pairs: the ~900 of the feedback file cost seconds per run."""
+    path = tmp / f"preferences_{n}.jsonl"
+    if not path.exists():
+        common.atomic_write_jsonl(path, common.read_jsonl(tmp / "feedback" / "preferences.jsonl")[:n])
+    return path
+
+
+def same_weights(a, b, skip=()):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in skip)
+
+
+# -----------------------------------------------------------------------------
+# The supervised stages: bit for bit as one process with --grad-accum 2, close to one batch
+
+
+def test_pretrain_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
+    tmp, _ = chain
+    args = ["--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--steps", 6, "--n-layer", 1,
+            "--n-head", 2, "--n-embd", 32, "--block-size", 64, "--batch-size", 8, "--eval-every", 3,
+            "--eval-batches", 1, "--device", "cpu"]
+    # The command of the README, as a user types it.
+    r = torchrun("pretrain.py", *args, "--out", tmp_path / "ddp")
+    run_here(monkeypatch, "pretrain.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
+    run_here(monkeypatch, "pretrain.py", *args, "--out", tmp_path / "one")
+    assert "ddp: 2 processes (gloo)" in r.stdout
+    assert_only_rank0_wrote(tmp_path / "ddp", r.stdout, n_steps=6)
+    ddp = rows(tmp_path / "ddp" / "metrics.jsonl")
+    assert ddp == rows(tmp_path / "accum" / "metrics.jsonl")
+    assert (tmp_path / "ddp" / "model.pt").read_bytes() == (tmp_path / "accum" / "model.pt").read_bytes()
+    assert_curves_close(ddp, rows(tmp_path / "one" / "metrics.jsonl"))
+    assert ddp[-1]["tokens"] == 6 * 8 * 64  # the global batch's tokens
+
+
+def test_sft_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
+    tmp, _ = chain
+    args = ["--init", tmp / "pretrain", "--data", tmp / "data" / "sft.jsonl", "--eval-data",
+            tmp / "data" / "eval_prompts.jsonl", "--steps", 4, "--batch-size", 8, "--eval-every", 2,
+            "--eval-prompts", 4, "--max-new-tokens", 8]
+    r, ranks = torchrun_ranks(tmp_path, "sft.py", *args, "--out", tmp_path / "ddp")
+    run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
+    run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "one")
+    assert_only_rank0_wrote(tmp_path / "ddp", r.stdout, ranks, n_steps=4)
+    assert same_weights(ranks[0]["models"]["model"], ranks[1]["models"]["model"])
+    ddp = rows(tmp_path / "ddp" / "metrics.jsonl")
+    # Demonstrations differ in length: each half counts for its share of the batch's response tokens.
+    assert ddp == rows(tmp_path / "accum" / "metrics.jsonl")
+    assert_curves_close(ddp, rows(tmp_path / "one" / "metrics.jsonl"))
+    assert "eval/gold_reward" in ddp[1]  # rank 0 evaluated
+
+
+def test_reward_with_grad_accum_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
+    """2 ranks x 2 micro-batches: the first backward of each step skips its all-reduce (no_sync)."""
+    tmp, _ = chain
+    args = ["--init", tmp / "sft", "--data", few_preferences(tmp), "--steps", 5, "--batch-size", 8,
+            "--eval-every", 2, "--val-fraction", 0.25]
+    r, ranks = torchrun_ranks(tmp_path, "reward.py", *args, "--out", tmp_path / "ddp", "--grad-accum", 2)
+    run_here(monkeypatch, "reward.py", *args, "--out", tmp_path / "accum", "--grad-accum", 4)
+    run_here(monkeypatch, "reward.py", *args, "--out", tmp_path / "one")
+    assert_only_rank0_wrote(tmp_path / "ddp", r.stdout, ranks, n_steps=5)
+    ddp = rows(tmp_path / "ddp" / "metrics.jsonl")
+    # The same four quarters of each batch, summed as (q0 + q1) + (q2 + q3) against ((q0 + q1) + q2) + q3.
+    assert_curves_close(ddp, rows(tmp_path / "accum" / "metrics.jsonl"))
+    assert_curves_close(ddp, rows(tmp_path / "one" / "metrics.jsonl"))
+    # Same trained weights on both ranks; rank 0 alone then folded the normalising offset into the bias.
+    w0, w1 = ranks[0]["models"]["model"], ranks[1]["models"]["model"]
+    assert same_weights(w0, w1, skip=("head.bias",))
+    offset = json.loads((tmp_path / "ddp" / "meta.json").read_text())["reward_offset"]
+    assert (w1["head.bias"] - w0["head.bias"]).item() == pytest.approx(offset, rel=1e-6)
+    assert w0["head.bias"].equal(torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["head.bias"])
+
+
+def test_dpo_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
+    tmp, _ = chain
+    args = ["--init", tmp / "sft", "--data", few_preferences(tmp), "--steps", 4,
+            "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "eval_prompts.jsonl",
+            "--eval-prompts", 4, "--max-new-tokens", 6, "--lr", 1e-2]
+    r, ranks = torchrun_ranks(tmp_path, "dpo.py", *args, "--out", tmp_path / "ddp")
+    run_here(monkeypatch, "dpo.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
+    run_here(monkeypatch, "dpo.py", *args, "--out", tmp_path / "one")
+    assert_only_rank0_wrote(tmp_path / "ddp", r.stdout, ranks, n_steps=5)  # steps 0 (the SFT model) to 4
+    assert same_weights(ranks[0]["models"]["policy"], ranks[1]["models"]["policy"])
+    ddp = rows(tmp_path / "ddp" / "metrics.jsonl")
+    assert ddp == rows(tmp_path / "accum" / "metrics.jsonl")
+    one = rows(tmp_path / "one" / "metrics.jsonl")
+    assert ddp[0] == one[0]  # step 0 evaluates the same SFT model on rank 0: exactly as one process
+    assert_curves_close(ddp, one)
+
+
+def test_a_batch_that_does_not_split_stops_with_one_clear_line(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:  # checked before anything is read or written
+        run_here(monkeypatch, "pretrain.py", "--out", tmp_path / "o", "--batch-size", 6, "--grad-accum", 4)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --batch-size 6 must be a multiple of 4 (processes 1 x micro-batches 4)"
+    assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------
+# PPO: each rank samples its own episodes, so compare what can be compared
+
+
+def test_ppo_under_torchrun_keeps_ranks_in_step_and_logs_global_means(stages, tmp_path):
+    d = stages
+    args = ["--init", d / "sft", "--reward", d / "reward", "--data", d / "data" / "prompts.jsonl",
+            "--eval-data", d / "data" / "eval_prompts.jsonl", "--batch-size", 4, "--minibatch-size", 2,
+            "--max-new-tokens", 5, "--ppo-epochs", 2, "--eval-prompts", 4, "--eval-every", 2, "--sample-every", 2,
+            "--steps", 3, "--kernels", "torch", "--adaptive-kl", "--whiten-rewards"]
+    r, ranks = torchrun_ranks(tmp_path, "ppo.py", *args, "--out", tmp_path / "ddp")
+    out = tmp_path / "ddp"
+    assert_only_rank0_wrote(out, r.stdout, ranks, n_steps=4)  # steps 0 (the SFT model) to 3
+    # Different episodes on each rank, yet the same policy and value model after every update: DDP
+    # all-reduced both. (What rank 0 saved is what both hold.)
+    for name in ("policy", "value_model"):
+        assert same_weights(ranks[0]["models"][name], ranks[1]["models"][name]), name
+    assert same_weights(ranks[0]["models"]["policy"], torch.load(out / "model.pt", weights_only=True))
+    logged = rows(out / "metrics.jsonl")[1:]  # steps 1, 2, 3 (step 0 evaluates SFT, before any rollout)
+    assert "eval/gold_reward" in logged[1]
+
+    # Step 1 again, here, one rank at a time: rank r samples prompts 2r, 2r+1 of the shared shuffle
+    # with its own seed (seed + 1 + 1000 r), from the same starting weights. The logged figures must
+    # be the global means, computed as the script does (the mean of the ranks' means for per-episode
+    # figures, all-reduced sums for per-token ones): equal, not just close.
+    a = ppo.parser.parse_args(list(map(str, args)))
+    policy, enc, _ = common.load_policy(d / "sft", "cpu")
+    ref, _, _ = common.load_policy(d / "sft", "cpu")
+    reward_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
+    value_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
+    prompts = common.encode_prompts(enc, [p["prompt"] for p in common.read_jsonl(a.data)], 64 - a.max_new_tokens)
+    pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(a.seed))[: a.batch_size].tolist()
+    batches = []
+    for rank in (0, 1):
+        queries, query_mask = left_pad([prompts[i] for i in pick[2 * rank : 2 * rank + 2]], enc.eot_token)
+        batches.append(ppo.rollout(policy, ref, value_model, reward_model, queries, query_mask, a, a.kl_coef,
+                                   special_id(enc, "<|end|>"), enc.eot_token,
+                                   torch.Generator().manual_seed(a.seed + 1 + 1000 * rank)))
+    assert not torch.equal(batches[0]["responses"], batches[1]["responses"])  # the ranks did sample differently
+    mean_of_ranks = lambda f: (f(batches[0]) + f(batches[1])) / 2  # noqa: E731
+    first = logged[0]
+    assert first["objective/score"] == mean_of_ranks(lambda b: b["scores"].mean().item())
+    assert first["objective/kl"] == mean_of_ranks(lambda b: b["kl"].sum(1).mean().item())
+    assert first["response/length"] == mean_of_ranks(lambda b: b["mask"].sum(1).float().mean().item())
+    tokens = sum((b["entropy"] * b["mask"]).sum() for b in batches) / sum(b["mask"].sum() for b in batches)
+    assert first["objective/entropy"] == tokens.item()
+    # The adaptive controller saw that global KL and the global batch (on every rank: they stayed in step).
+    assert logged[1]["objective/kl_coef"] == ppo.adaptive_kl_coef(a.kl_coef, first["objective/kl"], a.target_kl,
+                                                                   a.batch_size, a.kl_horizon)
