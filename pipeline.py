@@ -4,6 +4,7 @@
     python pipeline.py --quick         # every stage at a few-second size: checks the plumbing
     python pipeline.py --out runs/a    # a whole run somewhere else, to compare runs side by side
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
+    python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
@@ -12,6 +13,7 @@ another, each in a fresh process, exactly as you would by hand. A stage that fai
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ parser.add_argument("--data", default=None, help="folder for the tiny world's da
 parser.add_argument("--quick", action="store_true", help="every stage at a few-second size")
 parser.add_argument("--from", dest="start", default=None, help="first stage to run (earlier ones must exist)")
 parser.add_argument("--only", default=None, help="comma-separated stages to run")
+parser.add_argument("--resume", action="store_true", help="stages continue from their last checkpoint")
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
@@ -61,6 +64,9 @@ def stages(out, data):
          ["--n-prompts", 32, "--best-of", 4, "--max-new-tokens", 16], []),
         ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]
+
+
+RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo"}  # the stages with --resume
 
 
 def write_report(out, times, quick):
@@ -122,13 +128,22 @@ if __name__ == "__main__":
             cmd += list(map(str, quick_args))
         if args.preset == "gpu":
             cmd += list(map(str, gpu_args))
+        if args.resume and name in RESUMABLE:
+            cmd += ["--resume"]
         print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
         t0 = time.time()
+        # A Ctrl-C reaches the stage too, which saves a checkpoint and exits: wait for it, do not kill it.
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
         result = subprocess.run(cmd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         times[name] = time.time() - t0
+        again = f"python pipeline.py --from {name}{' --quick' if args.quick else ''}"
+        if result.returncode in (130, -signal.SIGINT):
+            print(f"\npipeline: interrupted in stage '{name}'; continue with `{again} --resume`", file=sys.stderr)
+            sys.exit(130)
         if result.returncode != 0:
             print(f"\npipeline: stage '{name}' failed (exit {result.returncode}); fix it and continue with "
-                  f"`python pipeline.py --from {name}{' --quick' if args.quick else ''}`", file=sys.stderr)
+                  f"`{again}`", file=sys.stderr)
             sys.exit(result.returncode)
 
     table = write_report(args.out, times, args.quick)
