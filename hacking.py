@@ -196,7 +196,8 @@ def frontier_figure(ppo_curves, dpo_curves, bon):
                 markersize=3, linewidth=1.2, label="best-of-n (SFT)")
     ax.set_title("Reward-KL frontier: gold score against KL to SFT\n(every held-out measurement of every run)",
                  fontsize=10, fontweight="bold")
-    ax.set_xlabel("KL to SFT (nats per answer)")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above: no leash reaches 100+
+    ax.set_xlabel("KL to SFT (nats per answer; linear to 1, logarithmic beyond)")
     ax.set_ylabel("gold score per answer")
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
