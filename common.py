@@ -99,6 +99,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def setup_kernels(name, device):
+    """--kernels: which implementation of the log-prob, KL and PPO-loss math runs (kernels/).
+    'triton' needs triton, and a CUDA device or the Triton interpreter: checked here, before any work."""
+    import kernels
+
+    kernels.set_backend(name)
+    if name == "triton" and not kernels.triton_available():
+        die("--kernels triton: triton is not installed (pip install triton, on Linux); use --kernels auto or torch")
+    if name == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        die(f"--kernels triton on --device {device}: Triton kernels run on a CUDA device, or on the CPU through its "
+            f"interpreter with TRITON_INTERPRET=1 set (slow: for tests); use --kernels auto or torch")
+
+
 # -----------------------------------------------------------------------------
 # DDP: the same script in N processes under torchrun, one per GPU (or N CPU processes, with gloo)
 #

@@ -164,8 +164,8 @@ if __name__ == "__main__":
     if not 0 <= args.label_smoothing < 0.5:
         common.die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     out = Path(args.out)
-    kernels.set_backend(args.kernels)
     device, dtype = common.setup_ddp(args.device)
+    common.setup_kernels(args.kernels, device)
     common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
 
     # -- models: the policy and the frozen reference both start as the SFT model ---------------

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 import common
-import kernels
 from world import load_world
 
 parser = argparse.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
@@ -117,8 +116,8 @@ if __name__ == "__main__":
     common.check_positive(args, "n-prompts", "max-new-tokens", "temperature", "batch-size")
     if args.best_of < 0 or (args.best_of & (args.best_of - 1)):
         common.die(f"--best-of must be 0 or a power of 2, got {args.best_of}")
-    kernels.set_backend(args.kernels)
     device, _ = common.setup_device(args.device)
+    common.setup_kernels(args.kernels, device)
     common.seed_everything(args.seed)
 
     rows = common.read_jsonl(args.data, required=("prompt",), flag="--data")[: args.n_prompts]

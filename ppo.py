@@ -300,9 +300,9 @@ if __name__ == "__main__":
         common.die(f"--batch-size {args.batch_size} is smaller than --minibatch-size {args.minibatch_size}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
         common.die(f"--gamma and --lam must be between 0 and 1, got {args.gamma} and {args.lam}")
-    kernels.set_backend(args.kernels)
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
+    common.setup_kernels(args.kernels, device)
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
     common.seed_everything(args.seed + common.ddp_rank)  # rank 0 is the one-process run
 

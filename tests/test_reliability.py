@@ -185,3 +185,13 @@ def test_resuming_a_finished_run_changes_nothing(bad, stage_here):
     r = stage_here(argv("pretrain", tmp, d) + ["--out", d / "pretrain_copy", "--resume", "--steps", 4])
     assert r.returncode == 0 and "already finished its 4 steps: nothing to resume" in r.stdout
     assert files(d) == before
+
+
+def test_triton_kernels_on_the_cpu_without_the_interpreter_is_one_clear_line(bad, stage_here, monkeypatch):
+    tmp, d = bad
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests set it to 1 on a machine without CUDA
+    before = files(d)
+    r = stage_here(argv("ppo", tmp, d) + ["--kernels", "triton", "--device", "cpu", "--out", d / "triton_cpu"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith("error: --kernels triton on --device cpu: Triton kernels run on a CUDA device")
+    assert files(d) == before
