@@ -42,12 +42,12 @@ CURVES = ("train/loss", "train/grad_norm", "val/loss", "reward/loss", "reward/ma
           "dpo/rejected_logp")
 
 
-def torchrun(*args, timeout=180):
+def torchrun(*args, timeout=180, env=None, check=True):
     """2 processes, gloo. The timeout turns a hang (a rank waiting for a collective) into a failure, and
     kills the launcher's whole process group, so no worker is left behind."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -55,7 +55,8 @@ def torchrun(*args, timeout=180):
         proc.communicate()
         pytest.fail(f"torchrun {' '.join(map(str, args[:1]))} still running after {timeout} s: a rank hung")
     r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 
@@ -119,6 +120,23 @@ def test_pretrain_under_torchrun_matches_one_process(chain, tmp_path, monkeypatc
     assert (tmp_path / "ddp" / "model.pt").read_bytes() == (tmp_path / "accum" / "model.pt").read_bytes()
     assert_curves_close(ddp, rows(tmp_path / "one" / "metrics.jsonl"))
     assert ddp[-1]["tokens"] == 6 * 8 * 64  # the global batch's tokens
+
+
+def test_pretrain_under_torchrun_killed_and_resumed_is_the_uninterrupted_run(chain, tmp_path):
+    """Both ranks die (SIGKILL, the test hook) at the end of step 4, one step after the checkpoint of
+    step 3; `--resume` under torchrun continues from it to the same weights and metrics, bit for bit."""
+    tmp, _ = chain
+    args = ["pretrain.py", "--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--steps", 6,
+            "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 64, "--batch-size", 8, "--eval-every", 3,
+            "--eval-batches", 1, "--device", "cpu"]
+    torchrun(*args, "--out", tmp_path / "straight")
+    killed = torchrun(*args, "--out", tmp_path / "resumed", env={"RLHF_KILL_AT_STEP": "4"}, check=False)
+    assert killed.returncode != 0
+    assert [r["step"] for r in common.read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
+    resumed = torchrun(*args, "--out", tmp_path / "resumed", "--resume")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    assert rows(tmp_path / "resumed" / "metrics.jsonl") == rows(tmp_path / "straight" / "metrics.jsonl")
+    assert (tmp_path / "resumed" / "model.pt").read_bytes() == (tmp_path / "straight" / "model.pt").read_bytes()
 
 
 def test_sft_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
