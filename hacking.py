@@ -20,8 +20,8 @@ so its learning curves plot with plot.py; a finished run is reused, a partial on
 5. prints the verdict for the weakest leash: is its final gold score below its peak while its proxy
    score is above what it was at that peak? That is reward hacking, measured.
 
-    python hacking.py                                      # CPU, after pipeline.py: about 40 minutes
-    python hacking.py --kl-coefs 0,0.3 --steps 100 --dpo-betas ""   # a quicker look
+    python hacking.py                                      # CPU, after pipeline.py: about 45 minutes
+    python hacking.py --kl-coefs 0 --steps 80 --dpo-betas "" --best-of 16   # a quicker look
     python hacking.py --device cuda --kl-coefs 0,0.01,0.03,0.1,0.3 --steps 400 --best-of 256
 """
 
@@ -48,8 +48,8 @@ g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="
 g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
 g = parser.add_argument_group("the sweep")
-g.add_argument("--kl-coefs", default="0,0.03,0.3", help="comma-separated PPO kl_coef values (0: no leash)")
-g.add_argument("--steps", type=int, default=150, help="PPO steps per run")
+g.add_argument("--kl-coefs", default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
+g.add_argument("--steps", type=int, default=120, help="PPO steps per run")
 g.add_argument("--eval-every", type=int, default=10, help="PPO steps between held-out measurements")
 g.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per measurement")
 g.add_argument("--max-new-tokens", type=int, default=32, help="as ppo.py samples (every method alike)")
