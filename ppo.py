@@ -298,6 +298,8 @@ if __name__ == "__main__":
     common.check_batch_split(args.minibatch_size, flag="--minibatch-size")
     if args.minibatch_size > args.batch_size:
         common.die(f"--batch-size {args.batch_size} is smaller than --minibatch-size {args.minibatch_size}")
+    if args.missing_end_penalty is not None and not abs(args.missing_end_penalty) < float("inf"):
+        common.die(f"--missing-end-penalty must be a finite number or none, got {args.missing_end_penalty}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
         common.die(f"--gamma and --lam must be between 0 and 1, got {args.gamma} and {args.lam}")
     out = Path(args.out)

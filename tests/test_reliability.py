@@ -110,6 +110,8 @@ BAD_INPUTS = {
     "sampling-temperature-0-sft": ("sft", ["--temperature", "0"], r"--temperature must be a positive number"),
     "sampling-temperature-0-ppo": ("ppo", ["--temperature", "0"], r"--temperature must be a positive number"),
     "learning-rate-nan": ("dpo", ["--lr", "nan"], r"--lr must be a positive number, got nan"),
+    "missing-end-penalty-nan": ("ppo", ["--missing-end-penalty", "nan"],
+                                r"--missing-end-penalty must be a finite number or none, got nan"),
 }
 
 
