@@ -50,7 +50,7 @@ def proxy_scores(reward_model, enc, prompt, texts, device):
     Right padding with the mask at 0 on the pads; ScalarModel.score reads each row at its last real
     token. An answer that does not fit in the context gets None.
     """
-    block = reward_model.transformer.config.block_size
+    block = reward_model.config.block_size
     seqs = [encode_prompt(enc, prompt) + encode_response(enc, t) for t in texts]
     fits = [len(s) <= block for s in seqs]
     kept = [s for s, ok in zip(seqs, fits) if ok]

@@ -349,6 +349,7 @@ class ScalarModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.transformer = GPT(config)  # kept whole, so a GPT state dict loads into .transformer
         self.head = nn.Linear(config.n_embd, 1)
         # Small head, as in OpenAI's lm-human-preferences: std 1/sqrt(C + 1), zero bias.

@@ -327,7 +327,7 @@ if __name__ == "__main__":
         m.requires_grad_(False)
     reward_model.eval()
     end_id, pad_id = special_id(enc, "<|end|>"), enc.eot_token
-    max_prompt = min(policy.config.block_size, reward_model.transformer.config.block_size) - args.max_new_tokens
+    max_prompt = min(policy.config.block_size, reward_model.config.block_size) - args.max_new_tokens
     prompt_ids = common.encode_prompts(enc, [r["prompt"] for r in rows], max_prompt, where=args.data)
     common.encode_prompts(enc, [r["prompt"] for r in eval_rows], max_prompt, where=args.eval_data)
     # The rollouts use the models themselves; the PPO updates go through DDP, which all-reduces the gradients.

@@ -233,7 +233,7 @@ if __name__ == "__main__":
     gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage="sft")
     model = ScalarModel.from_gpt(gpt)
     del gpt
-    config, pad_id = model.transformer.config, enc.eot_token
+    config, pad_id = model.config, enc.eot_token
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, trunk from {args.init}")
 
     pairs = tokenize_pairs(enc, rows, config.block_size)
