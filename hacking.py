@@ -20,7 +20,7 @@ so its learning curves plot with plot.py; a finished run is reused, a partial on
 5. prints the verdict for the weakest leash: is its final gold score below its peak while its proxy
    score is above what it was at that peak? That is reward hacking, measured.
 
-    python hacking.py                                      # CPU, after pipeline.py: about 45 minutes
+    python hacking.py                                      # CPU, after pipeline.py: about 40 minutes
     python hacking.py --kl-coefs 0 --steps 80 --dpo-betas "" --best-of 16   # a quicker look
     python hacking.py --device cuda --kl-coefs 0,0.01,0.03,0.1,0.3 --steps 400 --best-of 256
 """
