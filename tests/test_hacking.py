@@ -4,18 +4,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 from hacking import overoptimisation  # noqa: E402
-from model import GPT, GPTConfig, ScalarModel  # noqa: E402
+from test_ppo import stages  # noqa: E402,F401  (fixture: tiny world, tokenizer, random SFT policy and reward model)
 
 
 def point(step, gold, proxy, se=0.05, kl=0.0):
@@ -37,30 +35,19 @@ def test_verdict_needs_a_gold_fall_beyond_noise_while_the_proxy_rises():
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """A tiny world, tokenizer, random "SFT" policy and reward model, and a few preference pairs."""
-    import world
-    from tokenizer import save_tokenizer, train_bpe
-
-    d = tmp_path_factory.mktemp("hacking")
-    world.write_data(d / "data", seed=0, n_sft=10, n_prompts=32, n_eval=8, n_paragraphs=200)
-    save_tokenizer(train_bpe((d / "data" / "pretrain.txt").read_text(), 300), d / "tok")
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    gpt = GPT(cfg)
-    meta = {"stage": "sft", "config": asdict(cfg), "args": {}, "step": 0, "tokenizer": str(d / "tok"), "final": {}}
-    common.save_checkpoint(d / "sft", gpt, meta)
-    common.save_checkpoint(d / "reward", ScalarModel.from_gpt(gpt), {**meta, "stage": "reward"})
-    prompts = [json.loads(line)["prompt"] for line in (d / "data" / "prompts.jsonl").read_text().splitlines()]
-    pairs = [{"prompt": p, "chosen": "Sure, here it is.", "rejected": "No."} for p in prompts[:24]]
-    common.atomic_write_jsonl(d / "prefs.jsonl", pairs)
-    return d
+def prefs(stages):
+    """A few preference pairs on the tiny world's RL prompts, for the DPO runs of the sweep."""
+    prompts = [r["prompt"] for r in common.read_jsonl(stages / "data" / "prompts.jsonl")]
+    path = stages / "prefs.jsonl"
+    common.atomic_write_jsonl(path, [{"prompt": p, "chosen": "Sure, here it is.", "rejected": "No."}
+                                     for p in prompts[:24]])
+    return path
 
 
-def test_sweep_writes_curves_figures_and_samples(stages):
+def test_sweep_writes_curves_figures_and_samples(stages, prefs):
     d = stages
     cmd = [sys.executable, str(ROOT / "hacking.py"), "--init", str(d / "sft"), "--reward", str(d / "reward"),
-           "--preferences", str(d / "prefs.jsonl"), "--data", str(d / "data" / "prompts.jsonl"),
+           "--preferences", str(prefs), "--data", str(d / "data" / "prompts.jsonl"),
            "--eval-data", str(d / "data" / "eval_prompts.jsonl"), "--out", str(d / "hack"),
            "--kl-coefs", "0,1", "--steps", "2", "--eval-every", "1", "--eval-prompts", "4", "--max-new-tokens", "5",
            "--best-of", "4", "--dpo-betas", "0.5", "--dpo-steps", "2", "--show", "2", "--kernels", "torch",
