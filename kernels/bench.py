@@ -3,6 +3,7 @@
     python kernels/bench.py                                   # every op, N x V grid below
     python kernels/bench.py --n 8192 --v 50257 --ops logprobs_fwd ppo_fwd_bwd
     python kernels/bench.py --out gpu_out/bench.md            # also gpu_out/bench.json
+    python kernels/bench.py --sweep --n 8192 --out gpu_out/sweep.md   # our launch configurations
 
 bf16 logits, N tokens (as B sequences of --seq-len), V in {50257 (GPT-2), 128256 (Llama 3)}.
 For each op it runs, side by side:
@@ -24,8 +25,16 @@ Columns:
             than keep [N, V] probabilities; the small per-token vectors are left out)
   % floor   the bandwidth floor (bytes above / device-to-device copy bandwidth, measured in this
             run by timing a 2 GiB copy_) as a percentage of the time: 100 % = at the floor
+  % pract.  the same against the practical floor of a kernel that keeps no [N, V] tensor between
+            forward and backward (1, 3, 3 and 5 units: the backward reads the logits again)
   peak MiB  torch.cuda.max_memory_allocated during one call minus what was allocated before it
             (the inputs); includes the returned dlogits for the fwd+bwd ops
+  extra MiB peak MiB minus the dlogits every implementation must return (N V 2 bytes; 0 for the
+            forward): the memory an implementation adds, O(N) for ours
+
+--sweep times our kernels alone under other launch configurations (BLOCK_V / num_warps of the
+row-reduction forward and of the streaming backward, one kernel varied at a time) and writes that
+table instead: the measurements the launch rule in kernels/logprobs.py is chosen from.
 
 Configurations that run out of memory are reported as OOM and skipped. Needs a CUDA GPU; on a
 machine without one it exits with a message (`--help` works anywhere).
@@ -48,6 +57,10 @@ DEVICE = "cuda"
 OPS = ["logprobs_fwd", "logprobs_fwd_bwd", "ppo_fwd_bwd", "kl_fwd_bwd"]
 IMPLS = ["ours", "eager", "compile", "liger"]
 FLOOR_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 2, "ppo_fwd_bwd": 2, "kl_fwd_bwd": 3}
+PRACTICAL_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 3, "ppo_fwd_bwd": 3, "kl_fwd_bwd": 5}
+# (kernel varied, op that times it) x (BLOCK_V, num_warps) for --sweep
+SWEEP_OPS = [("fwd", "logprobs_fwd"), ("bwd", "logprobs_fwd_bwd"), ("fwd", "ppo_fwd_bwd")]
+SWEEP_CONFIGS = [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
 
 def parse_args(argv=None):
@@ -59,6 +72,8 @@ def parse_args(argv=None):
     g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (B = N / T)")
     g.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     g.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+    g.add_argument("--sweep", action="store_true", help="time our kernels under the launch "
+                   "configurations SWEEP_CONFIGS instead of the comparison table")
     t = p.add_argument_group("timing")
     t.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     t.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -225,14 +240,80 @@ def build_kl(torch, kernels, reference, compiled, N, V):
 # ---------------------------------------------------------------------------------------------
 
 def markdown(rows):
-    head = "| op | N | V | impl | ms | GB/s | % floor | peak MiB | note |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| op | N | V | impl | ms | GB/s | % floor | % pract. | peak MiB | extra MiB | note |"
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else ""  # noqa: E731
         lines.append(f"| {r['op']} | {r['N']} | {r['V']} | {r['impl']} | {f('ms', '%.3f')} | "
-                     f"{f('gbps', '%.0f')} | {f('floor_pct', '%.0f')} | {f('peak_mib', '%.0f')} | "
-                     f"{r.get('note', '')} |")
+                     f"{f('gbps', '%.0f')} | {f('floor_pct', '%.0f')} | {f('practical_pct', '%.0f')} | "
+                     f"{f('peak_mib', '%.0f')} | {f('extra_mib', '%.0f')} | {r.get('note', '')} |")
     return "\n".join(lines)
+
+
+def timed_row(base, impl, fn, bw, do_bench, torch, args):
+    """One table row: time fn, convert to GB/s and % of the floors; errors become a note."""
+    op, N, V = base["op"], base["N"], base["V"]
+    row = {**base, "impl": impl}
+    if isinstance(fn, str):
+        row["note"] = fn
+        return row
+    try:
+        ms, peak = measure(fn, do_bench, torch, args)
+        floor_bytes = FLOOR_UNITS[op] * N * V * 2
+        dlogits_mib = 0 if op == "logprobs_fwd" else N * V * 2 / 2**20
+        row.update(ms=ms, peak_mib=peak, extra_mib=peak - dlogits_mib,
+                   gbps=floor_bytes / (ms * 1e-3) / 1e9,
+                   floor_pct=100.0 * (floor_bytes / bw) / (ms * 1e-3),
+                   practical_pct=100.0 * (PRACTICAL_UNITS[op] * N * V * 2 / bw) / (ms * 1e-3))
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = "OOM"
+    except Exception as e:  # a compile or liger failure must not stop the run
+        row["note"] = f"error: {type(e).__name__}: {str(e)[:80]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def build(op, torch, kernels, reference, compiled, liger_ce, liger_grpo, N, V, args):
+    """{impl: fn or reason} for one op at one shape."""
+    if op in ("logprobs_fwd", "logprobs_fwd_bwd"):
+        return build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V,
+                              backward=op == "logprobs_fwd_bwd")
+    if op == "ppo_fwd_bwd":
+        T = args.seq_len if N % args.seq_len == 0 else N
+        return build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T)
+    return build_kl(torch, kernels, reference, compiled, N, V)
+
+
+def sweep(args, bw, do_bench, torch, kernels, reference, header, meta):
+    """Our kernels alone under each launch configuration, one kernel varied at a time."""
+    from kernels import logprobs
+    rows = []
+    for N in args.n:
+        for V in args.v:
+            for kind, op in SWEEP_OPS:
+                fns = build(op, torch, kernels, reference, {}, None, None, N, V, args)
+                for block, warps in SWEEP_CONFIGS:
+                    logprobs.LAUNCH_OVERRIDE.clear()
+                    logprobs.LAUNCH_OVERRIDE[kind] = (block, warps)
+                    row = timed_row({"op": op, "N": N, "V": V}, f"ours {kind} {block}/{warps}",
+                                    fns["ours"], bw, do_bench, torch, args)
+                    rows.append(row)
+                    print(markdown([row]).splitlines()[-1], flush=True)
+                    if args.out:
+                        write_out(args.out, header, rows, meta)
+                logprobs.LAUNCH_OVERRIDE.clear()
+                default = timed_row({"op": op, "N": N, "V": V}, "ours default", fns["ours"], bw,
+                                    do_bench, torch, args)
+                rows.append(default)
+                print(markdown([default]).splitlines()[-1], flush=True)
+                del fns
+                gc.collect()
+                torch.cuda.empty_cache()
+    print("\n" + header + markdown(rows))
+    if args.out:
+        write_out(args.out, header, rows, meta)
+        print(f"wrote {args.out}")
 
 
 def main(argv=None):
@@ -253,6 +334,12 @@ def main(argv=None):
     bw = copy_bandwidth(do_bench, torch)
     print(f"device {dev} | torch {torch.__version__} | triton {triton.__version__} | "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    header = (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
+              f"measured copy bandwidth {bw / 1e9:.0f} GB/s; bf16 logits.\n\n")
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "copy_bandwidth_gbps": bw / 1e9}
+    if args.sweep:
+        return sweep(args, bw, do_bench, torch, kernels, reference, header, meta)
     args.impls = [i for i in IMPLS if i in args.impls]  # liger last: it overwrites its input
     liger_ce, liger_grpo = (None, None)
     if "liger" in args.impls:
@@ -262,51 +349,24 @@ def main(argv=None):
         compiled = {name: torch.compile(getattr(reference, name))
                     for name in ("token_logprobs", "kl_divergence", "ppo_policy_loss")}
 
-    header = (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
-              f"measured copy bandwidth {bw / 1e9:.0f} GB/s; bf16 logits.\n\n")
-    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-            "copy_bandwidth_gbps": bw / 1e9}
     rows = []
     for N in args.n:
         for V in args.v:
             for op in args.ops:
                 base = {"op": op, "N": N, "V": V}
-                floor_bytes = FLOOR_UNITS[op] * N * V * 2
-                fns = None
                 try:
-                    if op in ("logprobs_fwd", "logprobs_fwd_bwd"):
-                        fns = build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V,
-                                             backward=op == "logprobs_fwd_bwd")
-                    elif op == "ppo_fwd_bwd":
-                        T = args.seq_len if N % args.seq_len == 0 else N
-                        fns = build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T)
-                    else:
-                        fns = build_kl(torch, kernels, reference, compiled, N, V)
+                    fns = build(op, torch, kernels, reference, compiled, liger_ce, liger_grpo,
+                                N, V, args)
                 except torch.cuda.OutOfMemoryError:
                     rows.append({**base, "impl": "-", "note": "OOM allocating the inputs"})
                     if args.out:
                         write_out(args.out, header, rows, meta)
                     print(f"{op} N={N} V={V}: OOM allocating the inputs, skipped")
-                    fns = None
                     gc.collect()
                     torch.cuda.empty_cache()
                     continue
                 for impl in args.impls:
-                    row = {**base, "impl": impl}
-                    fn = fns.get(impl)
-                    if isinstance(fn, str):
-                        row["note"] = fn
-                    else:
-                        try:
-                            ms, peak = measure(fn, do_bench, torch, args)
-                            row.update(ms=ms, peak_mib=peak, gbps=floor_bytes / (ms * 1e-3) / 1e9,
-                                       floor_pct=100.0 * (floor_bytes / bw) / (ms * 1e-3))
-                        except torch.cuda.OutOfMemoryError:
-                            row["note"] = "OOM"
-                        except Exception as e:  # a compile or liger failure must not stop the run
-                            row["note"] = f"error: {type(e).__name__}: {str(e)[:80]}"
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                    row = timed_row(base, impl, fns.get(impl), bw, do_bench, torch, args)
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], flush=True)
                     if args.out:

@@ -47,9 +47,16 @@ LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   ln(y) = log2(y) * ln(2)
 # honest tuning is on the GPU; see kernels/bench.py).
 # ---------------------------------------------------------------------------------------------
 
-def block_config(V, max_block=16384):
+# kernels/bench.py --sweep times other launches by setting this: {"fwd": (BLOCK_V, num_warps),
+# "bwd": (...)} for the row-reduction kernels (forward, KL) and the streaming backward.
+LAUNCH_OVERRIDE = {}
+
+
+def block_config(V, max_block=16384, kind="fwd"):
     """BLOCK_V: the whole row when it fits, else chunks of `max_block`; warps grow with the block
     so each thread holds ~16 elements (a 16K block on the default 4 warps spills registers)."""
+    if kind in LAUNCH_OVERRIDE:
+        return LAUNCH_OVERRIDE[kind]
     BLOCK_V = min(triton.next_power_of_2(V), max_block)
     num_warps = max(4, min(32, BLOCK_V // 512))
     return BLOCK_V, num_warps
@@ -265,7 +272,7 @@ def token_logprobs_bwd(logits, targets, lse2, entropy, g_logp, g_ent, temperatur
     if n_rows > 0:
         g_logp = g_logp.reshape(-1).to(torch.float32).contiguous()
         g_ent = g_ent.reshape(-1).to(torch.float32).contiguous()
-        BLOCK_V, num_warps = block_config(V)
+        BLOCK_V, num_warps = block_config(V, kind="bwd")
         token_logprobs_bwd_kernel[(n_rows,)](
             x, targets, lse2, entropy, g_logp, g_ent,
             scale if scale is not None else g_logp,  # dummy pointer when HAS_SCALE is False

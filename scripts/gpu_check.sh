@@ -1,61 +1,79 @@
 #!/usr/bin/env bash
 # The prepared check for a GPU session (H100/H200; torch 2.11 + triton 3.6 there; no network).
+# It installs nothing from the network: Liger-Kernel travels as a wheel in wheels/ (see below).
 #
-#   bash scripts/gpu_check.sh                   # results in ./gpu_out (or $OUT)
-#   BENCH_ARGS="--n 8192 --v 50257" bash scripts/gpu_check.sh     # a smaller benchmark grid
-#   TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 240 / 420) bound the two steps; the benchmark
-#   rewrites its table after every row, so a run cut short keeps what it measured.
+#   bash scripts/gpu_check.sh kernels     # kernel tests natively, the launch sweep, the benchmark
+#   bash scripts/gpu_check.sh pipeline    # the whole test suite, then the pipeline's GPU preset
+#   bash scripts/gpu_check.sh all         # both, one after the other
 #
-# 1. installs Liger-Kernel from wheels/liger_kernel-*.whl if one is there (never the network),
-# 2. runs the kernel tests natively on the GPU,
-# 3. runs the benchmark, writing $OUT/bench.md and $OUT/bench.json,
-# 4. runs the whole pipeline with the GPU preset (GPT-2-small size, bf16, kernels on) into
-#    $OUT/pipeline, with each stage's wall time and the results table (PIPELINE_TIMEOUT, default 420;
-#    SKIP_PIPELINE=1 skips it).
-# The full log is $OUT/gpu_check.log; the short table is printed last.
+# Results land in $OUT (default ./gpu_out): gpu_check.log (everything), bench.md/.json,
+# sweep.md/.json, pytest.log, pipeline.log and report.md; the short table is printed last.
+# Each step has its own time limit (seconds): TEST_TIMEOUT 150, SWEEP_TIMEOUT 120,
+# BENCH_TIMEOUT 270, SUITE_TIMEOUT 280, PIPELINE_TIMEOUT 280. The benchmark rewrites its table
+# after every row, so a step cut short keeps what it measured. BENCH_ARGS narrows the grid.
+#
+# Liger-Kernel (the benchmark's anchor) as a wheel, made once on a machine with pip:
+#   pip download --no-deps -d wheels liger-kernel==0.8.5       # pure Python, any platform
+# without it the liger rows say "not installed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART="${1:-all}"
 OUT="${OUT:-./gpu_out}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+: >"$OUT/status.txt"
+
+step() {  # step NAME TIMEOUT command...: run with a time limit, record its exit status
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s) $(date -u +%T)"
+  local t0=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name exit status: $rc after $((SECONDS - t0))s"
+  echo "$name=$rc" >>"$OUT/status.txt"
+}
 
 {
-  echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
-  python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
+  echo "== gpu_check $PART $(date -u +%FT%TZ) on $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 || echo "no nvidia-smi"
+  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
 
-  echo "== liger-kernel"
   shopt -s nullglob
   wheels=(wheels/liger_kernel-*.whl)
   if ((${#wheels[@]})); then
-    python -m pip install --no-index --no-deps "${wheels[@]}" || echo "liger wheel install failed: its rows will say 'not installed'"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+      || echo "liger wheel install failed: its rows will say 'not installed'"
   else
     echo "no wheels/liger_kernel-*.whl: the liger rows will say 'not installed'"
   fi
 
-  echo "== tests (native)"
-  timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/test_kernels.py -x -q -rs
-  rc=$?; echo "tests exit status: $rc"; echo "tests=$rc" >"$OUT/status.txt"
-
-  echo "== benchmark"
-  # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-420}" python kernels/bench.py --out "$OUT/bench.md" $BENCH_ARGS
-  rc=$?; echo "bench exit status: $rc"; echo "bench=$rc" >>"$OUT/status.txt"
-
-  if [ -z "${SKIP_PIPELINE:-}" ]; then
-    echo "== pipeline (GPU preset)"
-    timeout "${PIPELINE_TIMEOUT:-420}" python pipeline.py --preset gpu --out "$OUT/pipeline" --data "$OUT/pipeline/data"
-    rc=$?; echo "pipeline exit status: $rc"; echo "pipeline=$rc" >>"$OUT/status.txt"
+  if [ "$PART" = kernels ] || [ "$PART" = all ]; then
+    step kernel_tests "${TEST_TIMEOUT:-150}" python3 -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
+    step sweep "${SWEEP_TIMEOUT:-120}" python3 kernels/bench.py --sweep --n 8192 --out "$OUT/sweep.md"
+    # shellcheck disable=SC2086
+    step bench "${BENCH_TIMEOUT:-270}" python3 kernels/bench.py --out "$OUT/bench.md" $BENCH_ARGS
+  fi
+  if [ "$PART" = pipeline ] || [ "$PART" = all ]; then
+    # the CPU-pinned tests (every stage runs --device cpu in them) beside the GPU pipeline: the
+    # machine has 16 cores, the pipeline needs one or two of them
+    timeout "${SUITE_TIMEOUT:-280}" python3 -m pytest -q -rs -p no:cacheprovider >"$OUT/pytest.log" 2>&1 &
+    suite=$!
+    step pipeline "${PIPELINE_TIMEOUT:-280}" bash -c "python3 pipeline.py --preset gpu --out /tmp/gpu_run --data /tmp/gpu_run/data 2>&1 | tee '$OUT/pipeline.log'"
+    cp /tmp/gpu_run/report.md "$OUT/report.md" 2>/dev/null
+    wait $suite; rc=$?
+    echo "suite exit status: $rc"; echo "suite=$rc" >>"$OUT/status.txt"
+    tail -n 15 "$OUT/pytest.log"
   fi
 } 2>&1 | tee "$LOG"
 
 echo
-echo "== short table ($OUT/bench.md; full log $LOG)"
-cat "$OUT/bench.md" 2>/dev/null || echo "no benchmark table: see $LOG"
-grep -A 12 "^=== done in" "$LOG" 2>/dev/null | head -14
-cat "$OUT/pipeline/eval/results.md" 2>/dev/null
-cat "$OUT/status.txt" 2>/dev/null
-# non-zero exit when the tests or the benchmark failed
-! grep -qv '=0$' "$OUT/status.txt" 2>/dev/null
+echo "== short table (full log $LOG)"
+[ -f "$OUT/sweep.md" ] && grep -E "default|^\| op" "$OUT/sweep.md"
+[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+[ -f "$OUT/pipeline.log" ] && grep -A 14 "^=== done in" "$OUT/pipeline.log"
+cat "$OUT/status.txt"
+# non-zero exit when a step failed
+! grep -qv '=0$' "$OUT/status.txt"
