@@ -19,7 +19,8 @@ Columns:
   GB/s      bytes that must move / time, with the bytes counted explicitly (bf16, 2 bytes each):
               logprobs_fwd       N V 2        read the logits once
               logprobs_fwd_bwd   N V 2 x 2    read them once, write dlogits once
-              ppo_fwd_bwd        N V 2 x 2    same
+              ppo_fwd            N V 2        the PPO loss's forward alone (no gradient)
+              ppo_fwd_bwd        N V 2 x 2    same as logprobs_fwd_bwd
               kl_fwd_bwd         N V 2 x 3    read both logits once, write dlogits once
             (our kernels move 1, 3, 3 and 5 such units: the backward re-reads the logits rather
             than keep [N, V] probabilities; the small per-token vectors are left out)
@@ -54,13 +55,17 @@ elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DEVICE = "cuda"
-OPS = ["logprobs_fwd", "logprobs_fwd_bwd", "ppo_fwd_bwd", "kl_fwd_bwd"]
+OPS = ["logprobs_fwd", "logprobs_fwd_bwd", "ppo_fwd", "ppo_fwd_bwd", "kl_fwd_bwd"]
 IMPLS = ["ours", "eager", "compile", "liger"]
-FLOOR_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 2, "ppo_fwd_bwd": 2, "kl_fwd_bwd": 3}
-PRACTICAL_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 3, "ppo_fwd_bwd": 3, "kl_fwd_bwd": 5}
-# (kernel varied, op that times it) x (BLOCK_V, num_warps) for --sweep
-SWEEP_OPS = [("fwd", "logprobs_fwd"), ("bwd", "logprobs_fwd_bwd"), ("fwd", "ppo_fwd_bwd")]
-SWEEP_CONFIGS = [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
+FLOOR_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 2, "ppo_fwd": 1, "ppo_fwd_bwd": 2,
+               "kl_fwd_bwd": 3}
+PRACTICAL_UNITS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 3, "ppo_fwd": 1, "ppo_fwd_bwd": 3,
+                   "kl_fwd_bwd": 5}
+# --sweep: (kernel varied, op that times it, [(BLOCK_V, num_warps), ...])
+SMALL = [(1024, 1), (2048, 1), (2048, 2), (2048, 4), (4096, 2), (4096, 4), (8192, 4), (16384, 32)]
+SWEEP = [("fwd", "logprobs_fwd", SMALL), ("fwd", "ppo_fwd", SMALL),
+         ("bwd", "logprobs_fwd_bwd", [(2048, 2), (4096, 4), (8192, 8), (16384, 32)]),
+         ("kl", "kl_fwd_bwd", [(2048, 2), (4096, 4), (8192, 8), (8192, 16)])]
 
 
 def parse_args(argv=None):
@@ -73,7 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     g.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
     g.add_argument("--sweep", action="store_true", help="time our kernels under the launch "
-                   "configurations SWEEP_CONFIGS instead of the comparison table")
+                   "configurations in SWEEP instead of the comparison table")
     t = p.add_argument_group("timing")
     t.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     t.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -173,10 +178,10 @@ def build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V, backward
     return fns
 
 
-def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T):
+def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T, backward=True):
     B = N // T
     logits_full = (torch.randn(B, T + 1, V, device=DEVICE, dtype=torch.bfloat16) * 2)
-    logits_full.requires_grad_(True)
+    logits_full.requires_grad_(backward)
     actions = torch.randint(0, V, (B, T), device=DEVICE)
     with torch.no_grad():
         logp, _ = kernels.token_logprobs(logits_full[:, :-1], actions, backend="triton")
@@ -192,10 +197,14 @@ def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T):
     logits = logits_full[:, :-1]
 
     def run(f):
+        def fwd():
+            with torch.no_grad():
+                return f(logits, actions, old, adv, mask, **kw)
+
         def fwd_bwd():
             loss, _ = f(logits, actions, old, adv, mask, **kw)
             return torch.autograd.grad(loss, logits)
-        return fwd_bwd
+        return fwd_bwd if backward else fwd
 
     fns = {
         "ours": run(lambda *a, **k: kernels.ppo_policy_loss(*a, backend="triton", **k)),
@@ -214,7 +223,7 @@ def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T):
             if loss.dim() > 0:
                 m = mask.float()
                 loss = (loss * m).sum() / m.sum().clamp(min=1)
-            return torch.autograd.grad(loss, logits_full)
+            return torch.autograd.grad(loss, logits_full) if backward else loss
         fns["liger"] = liger
     return fns
 
@@ -260,7 +269,7 @@ def timed_row(base, impl, fn, bw, do_bench, torch, args):
     try:
         ms, peak = measure(fn, do_bench, torch, args)
         floor_bytes = FLOOR_UNITS[op] * N * V * 2
-        dlogits_mib = 0 if op == "logprobs_fwd" else N * V * 2 / 2**20
+        dlogits_mib = 0 if op.endswith("_fwd") else N * V * 2 / 2**20
         row.update(ms=ms, peak_mib=peak, extra_mib=peak - dlogits_mib,
                    gbps=floor_bytes / (ms * 1e-3) / 1e9,
                    floor_pct=100.0 * (floor_bytes / bw) / (ms * 1e-3),
@@ -279,9 +288,10 @@ def build(op, torch, kernels, reference, compiled, liger_ce, liger_grpo, N, V, a
     if op in ("logprobs_fwd", "logprobs_fwd_bwd"):
         return build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V,
                               backward=op == "logprobs_fwd_bwd")
-    if op == "ppo_fwd_bwd":
+    if op in ("ppo_fwd", "ppo_fwd_bwd"):
         T = args.seq_len if N % args.seq_len == 0 else N
-        return build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T)
+        return build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T,
+                         backward=op == "ppo_fwd_bwd")
     return build_kl(torch, kernels, reference, compiled, N, V)
 
 
@@ -291,9 +301,9 @@ def sweep(args, bw, do_bench, torch, kernels, reference, header, meta):
     rows = []
     for N in args.n:
         for V in args.v:
-            for kind, op in SWEEP_OPS:
+            for kind, op, configs in SWEEP:
                 fns = build(op, torch, kernels, reference, {}, None, None, N, V, args)
-                for block, warps in SWEEP_CONFIGS:
+                for block, warps in configs:
                     logprobs.LAUNCH_OVERRIDE.clear()
                     logprobs.LAUNCH_OVERRIDE[kind] = (block, warps)
                     row = timed_row({"op": op, "N": N, "V": V}, f"ours {kind} {block}/{warps}",

@@ -129,8 +129,7 @@ def _kl_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def _kl_block_config(V):
-    # two rows stream through registers at once: half the single-row block
-    return block_config(V, max_block=8192, kind="kl")
+    return block_config(V, kind="kl")
 
 
 def kl_fwd(logits, ref_logits, temperature):

@@ -158,7 +158,9 @@ def ppo_loss_fwd(logits, actions, old_logprobs, advantages, mask, ref_logprobs,
     sums = tok.sum(0)                       # [8], one deterministic reduction, on the device
     denom = sums[COL_MASK].clamp(min=1.0)   # max(sum mask, 1): stays a device tensor
     loss = sums[COL_LOSS] / denom
-    stats = sums[[COL_PG, COL_KL, COL_ENTROPY, COL_RATIO, COL_APPROX_KL, COL_CLIPPED]] / denom
+    # the six statistics are the columns COL_PG..COL_CLIPPED, a slice: indexing with a Python list
+    # would copy an index tensor from pageable host memory, a host-device synchronisation
+    stats = sums[COL_PG:COL_CLIPPED + 1] / denom
     return loss, stats, denom, lse2, entropy, dlogp, dent
 
 

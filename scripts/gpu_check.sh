@@ -61,7 +61,9 @@ step() {  # step NAME TIMEOUT command...: run with a time limit, record its exit
     # machine has 16 cores, the pipeline needs one or two of them
     timeout "${SUITE_TIMEOUT:-280}" python3 -m pytest -q -rs -p no:cacheprovider >"$OUT/pytest.log" 2>&1 &
     suite=$!
-    step pipeline "${PIPELINE_TIMEOUT:-280}" bash -c "python3 pipeline.py --preset gpu --out /tmp/gpu_run --data /tmp/gpu_run/data 2>&1 | tee '$OUT/pipeline.log'"
+    # each line stamped with the seconds since the pipeline started: a run cut short still shows
+    # how long each stage took
+    step pipeline "${PIPELINE_TIMEOUT:-280}" bash -c "python3 pipeline.py --preset gpu --out /tmp/gpu_run --data /tmp/gpu_run/data 2>&1 | while IFS= read -r l; do printf '%4ds %s\n' \$SECONDS \"\$l\"; done | tee '$OUT/pipeline.log'"
     cp /tmp/gpu_run/report.md "$OUT/report.md" 2>/dev/null
     wait $suite; rc=$?
     echo "suite exit status: $rc"; echo "suite=$rc" >>"$OUT/status.txt"
@@ -73,7 +75,7 @@ echo
 echo "== short table (full log $LOG)"
 [ -f "$OUT/sweep.md" ] && grep -E "default|^\| op" "$OUT/sweep.md"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
-[ -f "$OUT/pipeline.log" ] && grep -A 14 "^=== done in" "$OUT/pipeline.log"
+[ -f "$OUT/pipeline.log" ] && grep -E "s === |=== done in|^ *[0-9]+s   [a-z]+ " "$OUT/pipeline.log"
 cat "$OUT/status.txt"
 # non-zero exit when a step failed
 ! grep -qv '=0$' "$OUT/status.txt"
