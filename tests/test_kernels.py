@@ -308,8 +308,9 @@ def test_ppo_first_step_ratio_is_one(device):
 
     Exactly on the CPU (the interpreter runs both kernels' arithmetic in the same order). On a GPU
     the log-prob kernel and the PPO kernel are compiled separately and the compiler may contract
-    their arithmetic differently (fused multiply-adds): seen on an H200, logp differed by one ulp
-    and the ratio was 1 + 2^-23. Within a few ulps is what a GPU can promise."""
+    their arithmetic differently (fused multiply-adds): seen on an H200, logp differed by one ulp,
+    the ratio was 1 + 2^-23 and approx_kl = (ratio - 1) - log ratio was -1.5e-8 (float32 rounding
+    of two numbers near 1e-7). Within a few ulps of 1 is what a GPU can promise."""
     triton_or_skip(device)
     logits, actions, _, _, adv, mask = ppo_inputs((2, 3, 300), torch.bfloat16, device, 0.7, 1.0,
                                                   False, False)
@@ -319,7 +320,7 @@ def test_ppo_first_step_ratio_is_one(device):
     ulps = 0 if device == "cpu" else 4 * 2.0**-23
     assert abs(stats["ratio_mean"].item() - 1.0) <= ulps
     assert stats["clipfrac"].item() == 0.0
-    assert abs(stats["approx_kl"].item()) <= ulps**2
+    assert abs(stats["approx_kl"].item()) <= ulps
 
 
 # --------------------------------------------------------------------------------------------
