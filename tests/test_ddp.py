@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import ppo  # noqa: E402
 from model import left_pad  # noqa: E402
+from sampling import encode_prompts  # noqa: E402
+from conftest import fault, metrics_without_time as rows  # noqa: E402
 from test_ppo import stages  # noqa: E402,F401  (fixture: a tiny SFT policy and reward model)
 from test_reward import run_here  # noqa: E402  (the chain fixture: pretrain -> sft -> feedback, in conftest.py)
 from tokenizer import special_id  # noqa: E402
@@ -64,10 +66,6 @@ def torchrun_ranks(tmp, script, *args):
     """torchrun through tests/ddp_ranks.py: returns (result, [what rank 0 did, what rank 1 did])."""
     r = torchrun("tests/ddp_ranks.py", tmp / "ranks", script, *args, "--device", "cpu")
     return r, [torch.load(tmp / "ranks" / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
-
-
-def rows(path):
-    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in common.read_metrics(path)]
 
 
 def assert_curves_close(a, b):
@@ -130,7 +128,7 @@ def test_pretrain_under_torchrun_killed_and_resumed_is_the_uninterrupted_run(cha
             "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 64, "--batch-size", 8, "--eval-every", 3,
             "--eval-batches", 1, "--device", "cpu"]
     torchrun(*args, "--out", tmp_path / "straight")
-    killed = torchrun(*args, "--out", tmp_path / "resumed", env={"RLHF_KILL_AT_STEP": "4"}, check=False)
+    killed = torchrun(*args, "--out", tmp_path / "resumed", env=fault("SIGKILL", 4), check=False)
     assert killed.returncode != 0
     assert [r["step"] for r in common.read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
     resumed = torchrun(*args, "--out", tmp_path / "resumed", "--resume")
@@ -232,7 +230,7 @@ def test_ppo_under_torchrun_keeps_ranks_in_step_and_logs_global_means(stages, tm
     ref, _, _ = common.load_policy(d / "sft", "cpu")
     reward_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
     value_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
-    prompts = common.encode_prompts(enc, [p["prompt"] for p in common.read_jsonl(a.data)], 64 - a.max_new_tokens)
+    prompts = encode_prompts(enc, [p["prompt"] for p in common.read_jsonl(a.data)], 64 - a.max_new_tokens)
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(a.seed))[: a.batch_size].tolist()
     batches = []
     for rank in (0, 1):
