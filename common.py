@@ -649,23 +649,10 @@ def _fmt(v):
 
 
 def read_metrics(path):
-    """Rows of a metrics.jsonl; a malformed line stops with `file:line: what is wrong`, and a last line
-    still being written (or cut by a kill) is skipped."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
+    """Rows of a metrics.jsonl, each with a numeric "step"; a malformed line stops with `file:line: what
+    is wrong`, and a last line still being written (or cut by a kill) is skipped."""
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines) and not text.endswith("\n"):
-                print(f"note: {path}:{lineno}: skipped a line still being written")
-                continue
-            die(f"{path}:{lineno}: not valid JSON ({e.msg})")
-        if not isinstance(row, dict):
-            die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, row in jsonl_objects(path, partial_last_line=True):
         step = row.get("step")
         if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
             die(f"{path}:{lineno}: missing a numeric 'step' (every logged line has one)")
@@ -679,10 +666,30 @@ def read_metrics(path):
 # Input files
 
 
+def jsonl_objects(path, partial_last_line=False):
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON object
+    stops with file:line. partial_last_line: skip a last line that has no newline yet and does not parse."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if partial_last_line and lineno == len(lines) and not text.endswith("\n"):
+                print(f"note: {path}:{lineno}: skipped a line still being written")
+                continue
+            die(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        if not isinstance(row, dict):
+            die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
 def jsonl_line_numbers(path):
     """The line number of each row read_jsonl returns (it skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
+    return [lineno for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1)
+            if line.strip()]
 
 
 def read_jsonl(path, required=(), flag="--data", allow_empty=False):
@@ -691,22 +698,13 @@ def read_jsonl(path, required=(), flag="--data", allow_empty=False):
     if not path.exists():
         die(f"{flag} {path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                if key not in row:
-                    die(f"{path}:{lineno}: missing field '{key}' (expected fields: {', '.join(required)})")
-                if not isinstance(row[key], str):
-                    die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
-            rows.append(row)
+    for lineno, row in jsonl_objects(path):
+        for key in required:
+            if key not in row:
+                die(f"{path}:{lineno}: missing field '{key}' (expected fields: {', '.join(required)})")
+            if not isinstance(row[key], str):
+                die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
+        rows.append(row)
     if not rows and not allow_empty:
         die(f"{path}: empty file (expected one JSON object per line)")
     return rows

@@ -47,22 +47,31 @@ from world import load_world
 parser = common.ArgumentParser(description="DPO: preference optimisation without a reward model")
 common.add_common_args(parser, "dpo", init="out/sft", data="out/feedback/preferences.jsonl", steps=100, kernels=True)
 g = parser.add_argument_group("dpo")
-g.add_argument("--beta", type=common.positive_float, default=0.3, help="strength of the implicit KL: reward = beta log pi/pi_ref")
-g.add_argument("--label-smoothing", type=common.number(float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), default=0.0, help="eps: share of labels assumed flipped (cDPO)")
+g.add_argument("--beta", type=common.positive_float, default=0.3,
+               help="strength of the implicit KL: reward = beta log pi/pi_ref")
+g.add_argument("--label-smoothing", type=common.number(float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+               default=0.0, help="eps: share of labels assumed flipped (cDPO)")
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=common.positive_int, default=32, help="preference pairs per step, over all processes")
-g.add_argument("--grad-accum", type=common.positive_int, default=1, help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--batch-size", type=common.positive_int, default=32,
+               help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=common.positive_float, default=1e-4, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=10)
 g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--val-fraction", type=common.number(float, lambda v: 0 <= v < 1, "must be in [0, 1)"), default=0.05, help="share of prompts whose pairs are held out")
-g.add_argument("--eval-every", type=common.positive_int, default=25, help="held-out loss, gold reward and KL every N steps")
+g.add_argument("--val-fraction", type=common.number(float, lambda v: 0 <= v < 1, "must be in [0, 1)"), default=0.05,
+               help="share of prompts whose pairs are held out")
+g.add_argument("--eval-every", type=common.positive_int, default=25,
+               help="held-out loss, gold reward and KL every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts ({'prompt'} JSONL)")
-g.add_argument("--eval-prompts", type=common.nonnegative_int, default=200, help="how many of them to sample (0: no sampling)")
-g.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="longest evaluation sample (as evaluate.py)")
-g.add_argument("--temperature", type=common.positive_float, default=1.0, help="of the evaluation samples and their log-probs (as evaluate.py)")
+g.add_argument("--eval-prompts", type=common.nonnegative_int, default=200,
+               help="how many of them to sample (0: no sampling)")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48,
+               help="longest evaluation sample (as evaluate.py)")
+g.add_argument("--temperature", type=common.positive_float, default=1.0,
+               help="of the evaluation samples and their log-probs (as evaluate.py)")
 
 
 # -----------------------------------------------------------------------------

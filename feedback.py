@@ -53,17 +53,19 @@ from world import load_world
 
 parser = common.ArgumentParser(description="Stage 2a: sample K answers per prompt, ask a labeller which is better")
 g = common.add_common_args(parser, "feedback", init="out/sft", data="data/prompts.jsonl", steps=None)
-g.add_argument("--steps", type=common.nonnegative_int, default=0, help="stop after N answers in this session (0: all pairs)")
+g.add_argument("--steps", type=common.nonnegative_int, default=0,
+               help="stop after N answers in this session (0: all pairs)")
 g = parser.add_argument_group("sampling")
 g.add_argument("--num-prompts", type=common.positive_int, default=1000, help="prompts taken from the start of --data")
-g.add_argument("--k", type=common.number(int, lambda k: k >= 2, "must be at least 2 (a comparison needs two responses)"),
+g.add_argument("--k", type=common.number(int, lambda k: k >= 2, "must be at least 2 (a comparison needs two answers)"),
                default=6, help="responses per prompt; every pair of them is compared")
 g.add_argument("--temperature", type=common.positive_float, default=1.0, help="sampling temperature of the SFT model")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=48)
 g.add_argument("--sample-batch-size", type=common.positive_int, default=256, help="sequences per generation batch")
 g = parser.add_argument_group("labelling")
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
-g.add_argument("--tau", type=common.positive_float, default=0.5, help="simulated labeller's noise: Bradley-Terry temperature")
+g.add_argument("--tau", type=common.positive_float, default=0.5,
+               help="simulated labeller's noise: Bradley-Terry temperature")
 g.add_argument("--save-every", type=common.positive_int, default=500,
                help="simulated labels saved every N (a human's: every answer)")
 

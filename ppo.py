@@ -8,19 +8,18 @@ The quantity maximised is, per prompt x and sampled answer y,
     score(x, y) - kl_coef * sum_t [log pi(y_t | x, y_<t) - log pi_sft(y_t | x, y_<t)]
 
 so the policy may move away from SFT only where the reward model pays for it. The recipe of one
-step is numbered 1-7 in `rollout` and `ppo_update` below. The update (step 7) is PPO's, as cleanrl
-writes it, per real response token t, with A_t the whitened GAE advantage, R_t = A_t + V_old_t the
-return, and means over the real tokens of a minibatch:
+step is numbered 1-7 in `rollout` and `ppo_update` below. The update (step 7, `policy_loss` and
+`value_loss`) is PPO's as cleanrl writes it: per real response token t, with A_t the whitened GAE
+advantage, R_t = A_t + V_old_t the return, and means over the real tokens of a minibatch,
 
-    ratio_t  = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t) = exp(newlogprob_t - logprob_t)
-    pg_loss  = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_coef, 1 + clip_coef))
-    v_loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -cliprange_value,
-                                                                cliprange_value) - R_t)^2)
-    loss     = pg_loss - ent_coef * mean_t H_t + vf_coef * v_loss
+    ratio_t = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t) = exp(newlogprob_t - logprob_t)
+    pg_loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_coef, 1 + clip_coef))
+    v_loss  = 0.5 * mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)
+    loss    = pg_loss - ent_coef * mean_t H_t + vf_coef * v_loss           (eps_v: --cliprange-value)
 
-(`policy_loss` and `value_loss`): the clip takes away the incentive to move a token's probability
-further than clip_coef from where the rollout sampled it, so several epochs of updates can reuse
-one batch of samples. On a GPU policy_loss runs as one fused Triton kernel (kernels/ppo_loss.py).
+The max is the pessimistic bound: once a token's ratio has moved past 1 +- clip_coef in the
+direction its advantage pays for, it gives no more gradient, so several epochs of updates can reuse
+one batch of samples. On a GPU, policy_loss runs as one fused Triton kernel (kernels/ppo_loss.py).
 
 What this file simplifies against Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Stiennon et al. 2020 ("Learning to summarize from human feedback") and OpenAI's
@@ -90,28 +89,35 @@ common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl",
 g = parser.add_argument_group("models")
 g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
 g = parser.add_argument_group("rollout")
-g.add_argument("--batch-size", type=common.positive_int, default=64, help="prompts (episodes) per PPO step, over all processes")
+g.add_argument("--batch-size", type=common.positive_int, default=64,
+               help="prompts (episodes) per PPO step, over all processes")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="longest response; longer ones are cut")
-g.add_argument("--temperature", type=common.positive_float, default=1.0, help="sampling temperature, also used to score log-probs")
+g.add_argument("--temperature", type=common.positive_float, default=1.0,
+               help="sampling temperature, also used to score log-probs")
 g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
 # 0.3, not the usual 0.05-0.2: our reward model is easy to fool, and at 0.1 the gold reward peaks
 # after ~20 steps and is back below SFT by step 80 while the proxy score keeps rising.
-g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3, help="KL penalty coefficient (the start value with --adaptive-kl)")
+g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,
+               help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
                help="per-token KL: k1 = log ratio, k3 = r - 1 - log r, full = exact over the vocabulary")
 g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
-g.add_argument("--target-kl", type=common.positive_float, default=1.5, help="target sequence KL (nats) of the adaptive controller")
-g.add_argument("--kl-horizon", type=common.positive_int, default=1000, help="horizon (episodes) of the adaptive controller")
+g.add_argument("--target-kl", type=common.positive_float, default=1.5,
+               help="target sequence KL (nats) of the adaptive controller")
+g.add_argument("--kl-horizon", type=common.positive_int, default=1000,
+               help="horizon (episodes) of the adaptive controller")
 g.add_argument("--whiten-rewards", action="store_true", help="scale per-token rewards to unit variance")
 g = parser.add_argument_group("PPO")
 g.add_argument("--ppo-epochs", type=common.positive_int, default=4, help="passes over each batch of rollouts")
-g.add_argument("--minibatch-size", type=common.positive_int, default=16, help="episodes per gradient step, over all processes")
+g.add_argument("--minibatch-size", type=common.positive_int, default=16,
+               help="episodes per gradient step, over all processes")
 g.add_argument("--lr", type=common.positive_float, default=1e-4, help="AdamW learning rate (policy and value)")
 g.add_argument("--clip-coef", type=common.nonnegative_float, default=0.2, help="PPO ratio clip")
 g.add_argument("--vf-coef", type=common.nonnegative_float, default=0.1, help="weight of the value loss")
-g.add_argument("--cliprange-value", type=common.nonnegative_float, default=0.2, help="how far a value prediction may move per batch")
+g.add_argument("--cliprange-value", type=common.nonnegative_float, default=0.2,
+               help="how far a value prediction may move per batch")
 g.add_argument("--ent-coef", type=common.nonnegative_float, default=0.0, help="entropy bonus")
 g.add_argument("--gamma", type=unit_interval, default=1.0, help="discount")
 g.add_argument("--lam", type=unit_interval, default=0.95, help="GAE lambda")
@@ -119,7 +125,8 @@ g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
-g.add_argument("--eval-every", type=common.positive_int, default=20, help="gold evaluation and checkpoint every N steps")
+g.add_argument("--eval-every", type=common.positive_int, default=20,
+               help="gold evaluation and checkpoint every N steps")
 g.add_argument("--sample-every", type=common.positive_int, default=20, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
 
@@ -214,21 +221,15 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
 
 def policy_loss(logits, responses, logprobs, advantages, mask, clip_coef=0.2, temperature=1.0, ref_logprobs=None,
                 kl_coef=0.0, ent_coef=0.0):
-    """PPO's clipped surrogate from the policy's logits (step 7), the masked mean over real tokens:
-
-        ratio   = exp(newlogprob - logprobs)       (exactly 1 on the first minibatch: the rollout's policy)
-        pg_loss = max(-A * ratio, -A * clip(ratio, 1 - clip_coef, 1 + clip_coef))
-        loss    = mean(pg_loss + kl_coef * kl - ent_coef * entropy)
-
-    The max of the two is the pessimistic bound: once a token's ratio has moved past the clip range in
-    the direction its advantage pays for, the token gives no more gradient. ent_coef > 0 is a bonus:
-    the loss falls as the entropy rises. ref_logprobs: an optional KL-to-reference term in the loss
-    (GRPO's; PPO here charges the KL in the reward instead), the k3 estimator kl = r - 1 - log r with
-    r = pi_ref / pi, whose gradient is that of KL(pi_ref || pi) in expectation (kernels/ppo_loss.py).
+    """PPO's clipped surrogate from the policy's logits (the formulas above), masked mean over real tokens:
+    mean(pg_loss + kl_coef * kl - ent_coef * entropy). The ratio is exactly 1 on the first minibatch.
+    ent_coef > 0 is a bonus: the loss falls as the entropy rises. ref_logprobs: an optional KL-to-
+    reference term (GRPO's; PPO here charges the KL in the reward), k3: kl = r - 1 - log r with r =
+    pi_ref / pi, whose gradient is that of KL(pi_ref || pi) in expectation (kernels/ppo_loss.py).
 
     logits (B, R, V) predicting responses (B, R); logprobs (the rollout's), advantages, mask (B, R).
-    Returns (loss, stats): stats the masked means PPO logs, detached. On CUDA tensors it runs
-    kernels.ppo_policy_loss, the same computation fused (tested against this function).
+    Returns (loss, stats): the masked means PPO logs, detached. On CUDA tensors: kernels.ppo_policy_loss,
+    the same computation fused (tests/test_kernels.py checks it against this function).
     """
     if kernels.use_triton(logits):
         return kernels.ppo_policy_loss(logits, responses, logprobs, advantages, mask, clip_coef, temperature,

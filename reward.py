@@ -54,8 +54,10 @@ from tokenizer import encode_prompt, encode_response
 parser = common.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
 common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=300)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=common.positive_int, default=32, help="preference pairs per step, over all processes")
-g.add_argument("--grad-accum", type=common.positive_int, default=1, help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--batch-size", type=common.positive_int, default=32,
+               help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=common.positive_float, default=3e-4, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
 g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
@@ -117,9 +119,10 @@ def tokenize_pairs(enc, rows, block_size):
     dpo.py tokenizes its pairs through this function too."""
     pairs = []
     for r in rows:
-        p, c, j = encode_prompt(enc, r["prompt"]), encode_response(enc, r["chosen"]), encode_response(enc, r["rejected"])
-        if len(p) + max(len(c), len(j)) <= block_size:
-            pairs.append({"prompt": p, "chosen": c, "rejected": j, "row": r})
+        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]), encode_response(enc, r["chosen"]),
+                                    encode_response(enc, r["rejected"]))
+        if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": r})
     return pairs
 
 

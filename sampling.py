@@ -36,7 +36,8 @@ def encode_prompts(enc, prompts, max_len, where="prompts"):
         ids = encode_prompt(enc, p)
         if len(ids) > max_len:
             # where: the JSONL file the prompts were read from (one per non-blank line), so name the line
-            at = f"{where}:{common.jsonl_line_numbers(where)[i]}" if Path(where).is_file() else f"{where}: prompt {i + 1}"
+            at = (f"{where}:{common.jsonl_line_numbers(where)[i]}" if Path(where).is_file()
+                  else f"{where}: prompt {i + 1}")
             common.die(f"{at}: the prompt is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
         out.append(ids)
     return out

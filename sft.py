@@ -46,16 +46,19 @@ parser = common.ArgumentParser(description="Stage 1: supervised fine-tuning on d
 common.add_common_args(parser, "sft", init="out/pretrain", data="data/sft.jsonl", steps=200)
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32, help="demonstrations per step, over all processes")
-g.add_argument("--grad-accum", type=common.positive_int, default=1, help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
 g.add_argument("--lr", type=common.positive_float, default=1e-3, help="peak learning rate (AdamW)")
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
 g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=common.fraction, default=0.05, help="demonstrations held out for val/loss")
-g.add_argument("--eval-every", type=common.positive_int, default=50, help="val/loss, samples and gold reward every N steps")
+g.add_argument("--eval-every", type=common.positive_int, default=50,
+               help="val/loss, samples and gold reward every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
-g.add_argument("--eval-prompts", type=common.positive_int, default=200, help="eval prompts judged periodically (all of them at the end)")
+g.add_argument("--eval-prompts", type=common.positive_int, default=200,
+               help="eval prompts judged periodically (all of them at the end)")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="longest sampled response")
 g.add_argument("--temperature", type=common.positive_float, default=1.0, help="sampling temperature of the evaluation")
 g.add_argument("--sample-batch-size", type=common.positive_int, default=200, help="prompts per generation batch")
