@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import common
+from reward import collate
 from sampling import sample_responses
 from tokenizer import encode_prompt, encode_response
 from world import load_world
@@ -57,10 +58,8 @@ def proxy_scores(reward_model, enc, prompt, texts, device):
     kept = [s for s, ok in zip(seqs, fits) if ok]
     if not kept:
         return [None] * len(texts)
-    T = max(map(len, kept))
-    idx = torch.tensor([s + [enc.eot_token] * (T - len(s)) for s in kept], device=device)  # (N, T)
-    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in kept], device=device)  # (N, T)
-    scores = iter(reward_model.score(idx, mask).float().tolist())
+    idx, mask = collate(kept, enc.eot_token)  # (N, T) each, right-padded as the reward model trained
+    scores = iter(reward_model.score(idx.to(device), mask.to(device)).float().tolist())
     return [next(scores) if ok else None for ok in fits]
 
 
