@@ -25,6 +25,7 @@ so its learning curves plot with plot.py; a finished run is reused, a partial on
     python hacking.py --device cuda --kl-coefs 0,0.01,0.03,0.1,0.3 --steps 400 --best-of 256
 """
 
+import argparse
 import json
 import math
 import shlex
@@ -47,14 +48,29 @@ g.add_argument("--reward", default="out/reward", help="the learned reward model 
 g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
 g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
+def numbers(ok, must, allow_empty=True):
+    """argparse type=: comma-separated numbers, each ok(value) ("" is none, where allowed)."""
+    def parse(text):
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0,0.03,0.3, got {text!r}")
+        if not all(ok(v) for v in values) or not (values or allow_empty):
+            raise argparse.ArgumentTypeError(f"{must}, got {text!r}")
+        return values
+    return parse
+
+
 g = parser.add_argument_group("the sweep")
-g.add_argument("--kl-coefs", default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
+g.add_argument("--kl-coefs", type=numbers(lambda c: 0 <= c < math.inf, "must be one or more numbers >= 0", False),
+               default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
 g.add_argument("--steps", type=common.positive_int, default=120, help="PPO steps per run")
 g.add_argument("--eval-every", type=common.positive_int, default=10, help="PPO steps between held-out measurements")
 g.add_argument("--eval-prompts", type=common.positive_int, default=200, help="held-out prompts per measurement")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="as ppo.py samples (every method alike)")
 g.add_argument("--best-of", type=power_of_2_or_0, default=64, help="largest n of best-of-n (a power of 2; 0 = skip)")
-g.add_argument("--dpo-betas", default="0.1,0.3,1", help="comma-separated DPO beta values (empty: no DPO)")
+g.add_argument("--dpo-betas", type=numbers(lambda b: 0 < b < math.inf, "must be numbers > 0"), default="0.1,0.3,1",
+               help="comma-separated DPO beta values (empty: no DPO)")
 g.add_argument("--dpo-steps", type=common.positive_int, default=100)
 g.add_argument("--ppo-args", default="", help='more ppo.py flags for every PPO run, e.g. "--lr 5e-5 --batch-size 128"')
 g.add_argument("--dpo-args", default="", help="more dpo.py flags for every DPO run")
@@ -64,13 +80,6 @@ g.add_argument("--out", default="out/hacking", help="folder for the runs, result
 g.add_argument("--seed", type=int, default=1337)
 g.add_argument("--device", default="auto")
 g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-
-
-def parse_floats(text, flag):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        common.die(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.03,0.3")
 
 
 # -----------------------------------------------------------------------------
@@ -216,12 +225,7 @@ def save_figure(fig, path):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    kl_coefs = parse_floats(args.kl_coefs, "--kl-coefs")
-    betas = parse_floats(args.dpo_betas, "--dpo-betas")
-    if not kl_coefs:
-        common.die("--kl-coefs: give at least one value")
-    if any(c < 0 for c in kl_coefs) or any(b <= 0 for b in betas):
-        common.die("--kl-coefs must be >= 0 and --dpo-betas > 0")
+    kl_coefs, betas = args.kl_coefs, args.dpo_betas
     world = load_world(Path(args.eval_data).parent)
     if world is None:
         common.die(f"--eval-data {args.eval_data}: not written by world.py; reward hacking needs the gold judge")
