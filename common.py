@@ -509,7 +509,7 @@ def steps(start, total, save, out, checkpoint_every=None, counter="step", ctrl_c
             fault = injected_fault(counter, step)
             if fault in ("SIGKILL", "SIGINT"):
                 os.kill(os.getpid(), getattr(signal, fault))
-            if step < total and stop_requested():  # (at the last step the run is about to finish anyway)
+            if ctrl_c and step < total and stop_requested():  # (at the last step the run is about to end anyway)
                 if master_process:  # under torchrun, rank 0 alone writes
                     save(step)
                 if ddp:  # the others wait for it: torchrun stops every rank as soon as one exits
