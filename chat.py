@@ -16,26 +16,28 @@ reward hacking seen one answer at a time.
 A pretrain checkpoint answers too, but it never saw the chat template: expect it to ramble.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 import common
+from reward import collate
+from sampling import sample_responses
 from tokenizer import encode_prompt, encode_response
 from world import load_world
 
-parser = argparse.ArgumentParser(description="Chat with a GPT checkpoint (pretrain, sft, ppo or dpo)")
+parser = common.ArgumentParser(description="Chat with a GPT checkpoint (pretrain, sft, ppo or dpo)")
 g = parser.add_argument_group("who answers")
 g.add_argument("--ckpt", default="out/ppo", help="a stage folder with model.pt and meta.json")
 g.add_argument("--compare", nargs="+", metavar="DIR", help="several stage folders: each answers the same prompt")
 g.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
 g = parser.add_argument_group("sampling")
-g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (PPO samples at 0.7)")
-g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this probability mass")
+g.add_argument("--temperature", type=common.nonnegative_float, default=0.7, help="0 = greedy (PPO samples at 0.7)")
+g.add_argument("--top-p", type=common.number(float, lambda p: 0 < p <= 1, "must be in (0, 1]"), default=1.0,
+               help="nucleus sampling: keep tokens up to this probability mass")
 g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-g.add_argument("--max-new-tokens", type=int, default=48)
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48)
 g.add_argument("--seed", type=int, default=1337, help="each turn samples with seed + turn number")
 g = parser.add_argument_group("scores (with --compare)")
 g.add_argument("--data", default="data", help="the tiny world's data folder (its world.json is the gold judge)")
@@ -56,10 +58,8 @@ def proxy_scores(reward_model, enc, prompt, texts, device):
     kept = [s for s, ok in zip(seqs, fits) if ok]
     if not kept:
         return [None] * len(texts)
-    T = max(map(len, kept))
-    idx = torch.tensor([s + [enc.eot_token] * (T - len(s)) for s in kept], device=device)  # (N, T)
-    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in kept], device=device)  # (N, T)
-    scores = iter(reward_model.score(idx, mask).float().tolist())
+    idx, mask = collate(kept, enc.eot_token)  # (N, T) each, right-padded as the reward model trained
+    scores = iter(reward_model.score(idx.to(device), mask.to(device)).float().tolist())
     return [next(scores) if ok else None for ok in fits]
 
 
@@ -67,7 +67,7 @@ def answer(model, enc, prompt, args, device, dtype, turn):
     """One sampled (or greedy) answer: the sample_responses dict {"ids", "text", "ended"}."""
     generator = torch.Generator(device).manual_seed(args.seed + turn)  # same seed for every model: fair comparison
     with common.autocast(device, dtype):
-        return common.sample_responses(model, enc, [prompt], device, args.max_new_tokens, args.temperature,
+        return sample_responses(model, enc, [prompt], device, args.max_new_tokens, args.temperature,
                                        args.top_k, args.top_p, batch_size=1, generator=generator)[0]
 
 
@@ -108,11 +108,6 @@ def show(models, prompt, args, device, dtype, turn, world, reward):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "max-new-tokens")
-    if args.temperature < 0:
-        common.die(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        common.die(f"--top-p must be in (0, 1], got {args.top_p}")
     device, dtype = common.setup_device(args.device)
 
     # -- the models: one, or several to compare (named after their folders) ----

@@ -1,18 +1,23 @@
-"""Plumbing shared by every stage: device and dtype, seeding, clear errors, atomic checkpoints,
-resume, Ctrl-C and the non-finite guard, the metrics logger, JSONL reading, the learning-rate
-schedule and the common command-line flags.
+"""Plumbing shared by every stage: clear errors, the command line, device and dtype, seeding, DDP,
+atomic files and checkpoints, the training loop's plumbing (resume, Ctrl-C, periodic checkpoints,
+the non-finite guard, DDP teardown: `Run`), the metrics logger, JSONL reading and the
+learning-rate schedule.
 
 Exit statuses: 0 done, 2 bad input (die), 3 a NaN or infinity stopped the run (guard_finite),
-130 stopped by Ctrl-C after saving a checkpoint (end_step).
+130 stopped by Ctrl-C after saving a checkpoint (Run.steps).
 
-Nothing about RLHF lives here: the math of each stage stays visible in the stage's own file.
+Nothing about RLHF lives here: each stage's math is in the stage's own file; sampling answers and
+scoring their log-probs in sampling.py; the measurements (gold, KL, proxy) in evaluate.py.
 """
 
 import argparse
+import atexit
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -22,6 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# -----------------------------------------------------------------------------
+# DDP: the same script in N processes under torchrun, one per GPU (or N CPU processes, with gloo)
+#
+#   torchrun --standalone --nproc_per_node=N pretrain.py ...
+#
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Without them (or with one process) ddp is False and
+# every helper below hands its input back untouched: a single-process run takes the path it always did.
+# --batch-size stays the global batch. Each rank trains on its slice of it (micro_batches), DDP
+# averages the gradients during backward, so every rank takes the same optimizer step.
+
+ddp_rank = int(os.environ.get("RANK", 0))
+ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
+ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+ddp = ddp_world_size > 1  # one process (torchrun or not): no process group, no DDP wrapper
+master_process = ddp_rank == 0  # this process prints, logs and saves; the others only train
 
 # -----------------------------------------------------------------------------
 # Errors: bad input stops with one clear line and exit status 2
@@ -39,9 +60,69 @@ class BadInput(SystemExit):
 
 
 def die(message, code=2):
-    """Stop with one clear line on stderr and exit status 2 (bad input, not a crash)."""
+    """Stop with one clear line on stderr and exit status 2 (bad input, not a crash).
+
+    Under torchrun every rank reads the same flags and files and stops with the same line: rank 0
+    prints it. Another rank waits first, for torchrun to stop it when rank 0 exits, and prints its
+    line only if that does not come (a problem of its own, such as a file its machine lacks)."""
+    if not master_process:
+        time.sleep(5)
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if ddp:
+        atexit.register(exit_now, code)
     raise BadInput(message, code)
+
+
+# -----------------------------------------------------------------------------
+# The command line: argparse with one-line errors, type= checks, the flags every stage takes
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose errors (a type= check that fails, an unknown flag) are one line and exit status 2,
+    like every other bad input: `--lr nan` stops with "error: --lr must be a positive number, got nan"."""
+
+    def error(self, message):
+        die(re.sub(r"^argument (\S+): must ", r"\1 must ", message))
+
+
+def number(kind, ok, must):
+    """An argparse type= that reads a number (int or float) and checks it: ok(value), or the flag stops
+    with "--flag <must>, got <value>". Text that is no number at all gets argparse's own line."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{must}, got {value}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value: 'abc'"
+    return parse
+
+
+# finite, and > 0 or >= 0: NaN and infinity are refused (nan > 0 is False)
+positive_int = number(int, lambda v: v > 0, "must be a positive number")
+positive_float = number(float, lambda v: 0 < v < math.inf, "must be a positive number")
+nonnegative_int = number(int, lambda v: v >= 0, "must be zero or a positive number")
+nonnegative_float = number(float, lambda v: 0 <= v < math.inf, "must be zero or a positive number")
+fraction = number(float, lambda v: 0 < v < 1, "must be between 0 and 1")  # e.g. --val-fraction
+
+
+def add_common_args(parser, stage, init=None, data=None, steps=100, kernels=False):
+    """--out, --init, --data, --steps (steps=None: the stage adds its own), --seed, --device, --resume;
+    --kernels where a kernel runs. Returns the argument group."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--out", default=f"out/{stage}", help="folder for this stage's checkpoint and metrics")
+    if init is not None:
+        g.add_argument("--init", default=init, help="folder of the previous stage's checkpoint")
+    if data is not None:
+        g.add_argument("--data", default=data, help="input data file")
+    if steps is not None:
+        g.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    if kernels:
+        g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                       help="log-prob/KL/PPO-loss: fused Triton kernels on CUDA tensors (auto), or force one")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    return g
 
 
 # -----------------------------------------------------------------------------
@@ -100,8 +181,9 @@ def set_rng_state(state):
 
 
 def setup_kernels(name, device):
-    """--kernels: which implementation of the log-prob, KL and PPO-loss math runs (kernels/).
-    'triton' needs triton, and a CUDA device or the Triton interpreter: checked here, before any work."""
+    """--kernels: where a stage's log-prob, KL and PPO-loss math runs: the fused Triton kernels
+    (kernels/, auto: on CUDA tensors) or the stage's own plain PyTorch. 'triton' needs triton, and a
+    CUDA device or the Triton interpreter: checked here, before any work."""
     import kernels
 
     kernels.set_backend(name)
@@ -113,20 +195,7 @@ def setup_kernels(name, device):
 
 
 # -----------------------------------------------------------------------------
-# DDP: the same script in N processes under torchrun, one per GPU (or N CPU processes, with gloo)
-#
-#   torchrun --standalone --nproc_per_node=N pretrain.py ...
-#
-# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Without them (or with one process) ddp is False and
-# every helper below hands its input back untouched: a single-process run takes the path it always did.
-# --batch-size stays the global batch. Each rank trains on its slice of it (micro_batches), DDP
-# averages the gradients during backward, so every rank takes the same optimizer step.
-
-ddp_rank = int(os.environ.get("RANK", 0))
-ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
-ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
-ddp = ddp_world_size > 1  # one process (torchrun or not): no process group, no DDP wrapper
-master_process = ddp_rank == 0  # this process prints, logs and saves; the others only train
+# DDP helpers (the flags ddp, ddp_rank, master_process are at the top of this file)
 
 
 def setup_ddp(requested="auto"):
@@ -177,8 +246,7 @@ def all_reduce_mean(metrics):
     """The mean over ranks of a dict of numbers, in one all-reduce; the dict itself in one process."""
     if not ddp:
         return metrics
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
-    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=device)
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(values)  # sum
     return {k: v / ddp_world_size for k, v in zip(metrics, values.tolist())}
 
@@ -190,6 +258,20 @@ def all_reduce_sum(x):
     x = x.clone()
     torch.distributed.all_reduce(x)
     return x
+
+
+def exit_now(code):
+    """End this DDP process without the interpreter's teardown, once its output is flushed (registered
+    with atexit by the exits above). A rank that exits while another still runs can otherwise abort in
+    C++ as the DDP wrapper is freed ("terminate called without an active exception", exit -6): seen in
+    about 1 run in 15 of tests/test_ddp.py's pretraining, torch 2.13 with gloo."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _collective_device():
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
 
 
 def cleanup_ddp():
@@ -287,65 +369,176 @@ def load_state_dict(stage_dir, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Resume: everything a stage needs to continue exactly, in resume.pt
+# Loading a previous stage: its tokenizer, a GPT or a scalar-head model, every check naming the flag
 
 
-def resume_state(step, model, optimizer, generators=None, **extra):
-    """Weights, optimizer, every RNG (Python, NumPy, torch, and the stage's own generators: the data
-    position) and the step; extra: what else a stage keeps (PPO's kl_coef and value model, ...)."""
-    return {"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "generators": {k: g.get_state() for k, g in (generators or {}).items()}, **extra}
+def load_tokenizer_or_die(path, flag):
+    from tokenizer import load_tokenizer
 
-
-def load_resume(out, stage, model, optimizer, logger, total_steps, generators=None, config=None, device="cpu"):
-    """--resume: restore what resume_state() saved in --out; returns (step to start after, the state).
-
-    With no checkpoint there yet, starts at 0 (the metrics file starts over). A checkpoint of
-    another stage or architecture, or an unreadable one, stops with one line (exit status 2).
-    A finished run has nothing to resume: exit status 0."""
-    out, path = Path(out), Path(out) / "resume.pt"
-    if not path.exists():
-        print(f"note: --resume: no checkpoint in {out} yet, starting from step 0")
-        logger.resume = False  # a fresh run: the first log() starts the metrics file over
-        return 0, None
-    meta = load_meta(out, stage, "--out")
-    if config is not None:
-        check_config(out, meta, config, "--resume: --out")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)  # our own file: RNG states are not tensors
-        model.load_state_dict(state["model"])
-    except Exception as e:  # truncated, corrupted, or from an older version of the stage
-        die(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"run again without --resume")
-    optimizer.load_state_dict(state["optimizer"])
-    for name, g in (generators or {}).items():
-        g.set_state(state["generators"][name])
-    set_rng_state(state["rng"])
-    start = state["step"]
-    if start >= total_steps:
-        print(f"{out} already finished its {start} steps: nothing to resume")
-        raise SystemExit(0)
-    logger.truncate_after(start)  # steps logged after the checkpoint are done again, not twice
-    print(f"resumed from {out} at step {start}")
-    return start, state
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        die(f"{flag}: cannot load the tokenizer {path} ({e})")
+
+
+def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"), flag="--init"):
+    """A GPT checkpoint with its tokenizer: (model, enc, meta). Every check names the flag and folder."""
+    from model import GPT, GPTConfig
+
+    meta = load_meta(stage_dir, expect_stage, flag)
+    state = load_state_dict(stage_dir, device)
+    model = GPT(GPTConfig(**meta["config"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
+    enc = load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}")
+    if enc.n_vocab > model.config.vocab_size:
+        die(f"{flag} {stage_dir}: tokenizer {meta['tokenizer']} has {enc.n_vocab} tokens, the model only {model.config.vocab_size}")
+    return model.to(device), enc, meta
+
+
+def load_scalar_model(stage_dir, device, expect_stage=("reward",), flag="--reward"):
+    """A reward (or value) model: a GPT trunk with a scalar head. Returns (model, enc, meta)."""
+    from model import GPTConfig, ScalarModel
+
+    meta = load_meta(stage_dir, expect_stage, flag)
+    model = ScalarModel(GPTConfig(**meta["config"]))
+    try:
+        model.load_state_dict(load_state_dict(stage_dir, device))
+    except RuntimeError as e:
+        die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
+    return model.to(device), load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}"), meta
 
 
 # -----------------------------------------------------------------------------
-# Stopping: Ctrl-C saves and exits at the end of a step; a NaN or infinity stops before the update
+# The training loop's plumbing, so that a stage's loop body is the algorithm:
+#
+#   run = common.Run(args, "sft", model, optimizer)          # --resume: weights, optimizer, RNGs, step
+#   for step, batch in run.steps(batches, save, args.eval_every):
+#       ...the algorithm...; common.guard_finite(...); optimizer.step(); run.log(step, metrics)
+#   ...rank 0 alone from here: final evaluation and save(args.steps, final)
+#
+# run.steps yields the steps still to do with each step's batch (a resumed run skips the batches of
+# the steps done: a stage's data order is an iterator seeded from --seed, so nothing of it is saved),
+# saves a checkpoint every `checkpoint_every` steps, stops cleanly on Ctrl-C (every rank at the same
+# step, after rank 0 saved), and at the end shuts DDP down and lets only rank 0 go on.
 
+
+class Run:
+    """Resume, logging, checkpoints and stopping for one stage's training loop (see above)."""
+
+    def __init__(self, args, stage, model, optimizer, generators=None, config=None, device="cpu"):
+        """args: the stage's flags (--out, --steps, --resume). generators: torch.Generators besides the
+        data order whose state a resumed run needs (PPO's sampling noise, ...). With --resume, restores
+        the weights, the optimizer, every RNG and the step, and keeps what else was saved in .state."""
+        self.out, self.total, self.stage = Path(args.out), args.steps, stage
+        self.model, self.optimizer, self.generators = model, optimizer, generators or {}
+        self.logger = MetricsLogger(self.out / "metrics.jsonl", args.steps, enabled=master_process, resume=args.resume)
+        self.start, self.state = 0, None  # the last step done, and what resume.pt held
+        if args.resume:
+            self.start, self.state = self._load_resume(config, device)
+
+    def log(self, step, metrics, show=None):
+        """One line on the terminal and one row in metrics.jsonl (rank 0)."""
+        return self.logger.log(step, metrics, show)
+
+    def resume_state(self, step, **extra):
+        """What resume.pt holds: weights, optimizer, every RNG (Python, NumPy, torch, the generators) and
+        the step; extra: what else the stage keeps (PPO's value model and kl_coef, ...)."""
+        return {"step": step, "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(), "generators": {k: g.get_state() for k, g in self.generators.items()}, **extra}
+
+    def steps(self, batches, save, checkpoint_every):
+        """(step, batch) for every step still to do. After each step: save(step) on rank 0 every
+        checkpoint_every steps (not at the last: the stage saves its final checkpoint itself), the test
+        switch, and on Ctrl-C save(step) and exit 130. After the last: DDP shut down, ranks > 0 exit 0."""
+        batches = itertools.islice(batches, self.start, None)  # a resumed run: the batches of the steps done
+        for step, batch in zip(steps(self.start, self.total, save, self.out, checkpoint_every), batches):
+            yield step, batch
+        cleanup_ddp()
+        if not master_process:  # every rank holds the same weights: rank 0 alone evaluates and saves
+            atexit.register(exit_now, 0)
+            raise SystemExit(0)
+
+    def _load_resume(self, config, device):
+        """Restore what resume_state() saved in --out; returns (step to start after, the state).
+
+        With no checkpoint there yet, starts at 0 (the metrics file starts over). A checkpoint of
+        another stage or architecture, or an unreadable one, stops with one line (exit status 2).
+        A finished run has nothing to resume: exit status 0."""
+        path = self.out / "resume.pt"
+        if not path.exists():
+            print(f"note: --resume: no checkpoint in {self.out} yet, starting from step 0")
+            self.logger.resume = False  # a fresh run: the first log() starts the metrics file over
+            return 0, None
+        meta = load_meta(self.out, self.stage, "--out")
+        if config is not None:
+            check_config(self.out, meta, config, "--resume: --out")
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)  # our own file: RNG states are not tensors
+            self.model.load_state_dict(state["model"])
+        except Exception as e:  # truncated, corrupted, or from an older version of the stage
+            die(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                f"run again without --resume")
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, g in self.generators.items():
+            g.set_state(state["generators"][name])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if start >= self.total:
+            print(f"{self.out} already finished its {start} steps: nothing to resume")
+            raise SystemExit(0)
+        self.logger.truncate_after(start)  # steps logged after the checkpoint are done again, not twice
+        print(f"resumed from {self.out} at step {start}")
+        return start, state
+
+
+def steps(start, total, save, out, checkpoint_every=None, counter="step", ctrl_c=True):
+    """start + 1, ..., total: the steps of any loop that saves and may be stopped (Run.steps, and
+    feedback.py's sampling and labelling). After each: save(step) on rank 0 every checkpoint_every
+    steps, the test switch (injected_fault), and after a Ctrl-C (ctrl_c=True: caught during the loop)
+    save(step), then exit 130 with the command that resumes."""
+    if ctrl_c:
+        catch_interrupt()
+    try:
+        for step in range(start + 1, total + 1):
+            yield step
+            if checkpoint_every and master_process and step % checkpoint_every == 0 and step < total:
+                save(step)
+            fault = injected_fault(counter, step)
+            if fault in ("SIGKILL", "SIGINT"):
+                os.kill(os.getpid(), getattr(signal, fault))
+            if ctrl_c and step < total and stop_requested():  # (at the last step the run is about to end anyway)
+                if master_process:  # under torchrun, rank 0 alone writes
+                    save(step)
+                if ddp:  # the others wait for it: torchrun stops every rank as soon as one exits
+                    torch.distributed.barrier()
+                how = ("the same torchrun command with --resume" if ddp else resume_command())
+                print(f"interrupted: checkpoint of step {step} saved in {out}; continue with: {how}", flush=True)
+                if ddp:
+                    atexit.register(exit_now, 130)
+                raise SystemExit(130)
+    finally:
+        release_interrupt()
+
+
+# Ctrl-C: the handler only asks; the loop stops at the end of the step (Run.steps, steps)
 _stop = {"requested": False}
 
 
 def catch_interrupt():
-    """From here on a Ctrl-C asks the loop to stop at the end of the current step (end_step saves
-    a checkpoint and exits); a second Ctrl-C stops at once, as usual."""
+    """From here on a Ctrl-C asks the loop to stop at the end of the current step (a checkpoint is
+    saved, exit 130); a second Ctrl-C stops at once, as usual. Under torchrun, torchrun passes the
+    Ctrl-C on to every rank (and stops them by force 30 s later)."""
     _stop["requested"] = False
 
     def handler(signum, frame):
         _stop["requested"] = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again: stop now, unsaved)",
-              file=sys.stderr, flush=True)
+        if master_process:
+            print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again: stop now, unsaved)",
+                  file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, handler)
 
@@ -355,40 +548,49 @@ def release_interrupt():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stop_requested():
+    """Was Ctrl-C pressed? Under DDP, on any rank: the ranks may see it at different steps, and must all
+    stop at the same one (a rank that went on would wait for the others forever)."""
+    stop = _stop["requested"]
+    if ddp:
+        flag = torch.tensor([float(stop)], device=_collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop = flag.item() > 0
+    return stop
+
+
 def resume_command():
     argv = [a for a in sys.argv if a != "--resume"]
     return " ".join(shlex.quote(a) for a in ["python", *argv, "--resume"])
 
 
-def end_step(step, total, save, out, hook="RLHF_KILL_AT_STEP"):
-    """Call at the end of every step, after logging and any periodic save.
-
-    On a Ctrl-C, save(step) and exit (status 130) with the command that resumes. Test hook: the
-    environment variable RLHF_KILL_AT_STEP=N (or N:SIGINT) makes the process send itself SIGKILL
-    (or that signal) here at step N, as a crash or a Ctrl-C there would."""
-    at, _, sig = os.environ.get(hook, "").partition(":")
-    if at == str(step):
-        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
-    if _stop["requested"] and step < total:  # (at the last step the run is about to finish anyway)
-        if master_process:  # under torchrun, rank 0 alone writes
-            save(step)
-        print(f"interrupted: checkpoint of step {step} saved in {out}; continue with: {resume_command()}", flush=True)
-        raise SystemExit(130)
-
-
 def guard_finite(step, out, **quantities):
     """Stop (exit status 3) if a loss or gradient norm is NaN or infinite, before it reaches the
     weights; nothing is saved, so --out keeps its last good checkpoint. Call between backward and
-    the optimizer step. Test hook: RLHF_NAN_AT_STEP=N makes the first quantity NaN at step N."""
+    the optimizer step. (The test switch RLHF_TEST_FAULT=NaN@step=N makes the first quantity NaN.)"""
     for i, (name, value) in enumerate(quantities.items()):
         value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-        if i == 0 and os.environ.get("RLHF_NAN_AT_STEP") == str(step):
+        if i == 0 and injected_fault("step", step) == "NaN":
             value = float("nan")
         if not math.isfinite(value):
             meta = Path(out) / "meta.json"
             last = f"step {json.loads(meta.read_text())['step']}" if meta.exists() else "none saved yet"
             die(f"step {step}: the {name} is {value}; stopped before updating the weights "
                 f"(last good checkpoint in {out}: {last})", code=3)
+
+
+def injected_fault(counter, n):
+    """The one switch for tests: RLHF_TEST_FAULT=WHAT@COUNTER=N[,rank=R] makes this process fail at
+    step (or label) N as a crash (WHAT = SIGKILL), a Ctrl-C (SIGINT) or a diverged loss (NaN) would,
+    on every rank or on rank R only. Returns WHAT at that point, else None; unset, nothing happens."""
+    fault = os.environ.get("RLHF_TEST_FAULT")
+    if not fault:
+        return None
+    what, _, where = fault.partition("@")
+    at = dict(part.split("=") for part in where.split(","))
+    if at.get(counter) == str(n) and at.get("rank", str(ddp_rank)) == str(ddp_rank):
+        return what
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -463,17 +665,47 @@ def _fmt(v):
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of a metrics.jsonl, each with a numeric "step"; a malformed line stops with `file:line: what
+    is wrong`, and a last line still being written (or cut by a kill) is skipped."""
+    rows = []
+    for lineno, row in jsonl_objects(path, partial_last_line=True):
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+            die(f"{path}:{lineno}: missing a numeric 'step' (every logged line has one)")
+        rows.append(row)
+    if not rows:
+        die(f"{path}: empty file (no step logged yet)")
+    return rows
 
 
 # -----------------------------------------------------------------------------
 # Input files
 
 
+def jsonl_objects(path, partial_last_line=False):
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON object
+    stops with file:line. partial_last_line: skip a last line that has no newline yet and does not parse."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if partial_last_line and lineno == len(lines) and not text.endswith("\n"):
+                print(f"note: {path}:{lineno}: skipped a line still being written")
+                continue
+            die(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        if not isinstance(row, dict):
+            die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
 def jsonl_line_numbers(path):
     """The line number of each row read_jsonl returns (it skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
+    return [lineno for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1)
+            if line.strip()]
 
 
 def read_jsonl(path, required=(), flag="--data", allow_empty=False):
@@ -482,22 +714,13 @@ def read_jsonl(path, required=(), flag="--data", allow_empty=False):
     if not path.exists():
         die(f"{flag} {path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                if key not in row:
-                    die(f"{path}:{lineno}: missing field '{key}' (expected fields: {', '.join(required)})")
-                if not isinstance(row[key], str):
-                    die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
-            rows.append(row)
+    for lineno, row in jsonl_objects(path):
+        for key in required:
+            if key not in row:
+                die(f"{path}:{lineno}: missing field '{key}' (expected fields: {', '.join(required)})")
+            if not isinstance(row[key], str):
+                die(f"{path}:{lineno}: field '{key}' must be a string, got {type(row[key]).__name__}")
+        rows.append(row)
     if not rows and not allow_empty:
         die(f"{path}: empty file (expected one JSON object per line)")
     return rows
@@ -514,218 +737,3 @@ def lr_at(step, total_steps, lr, warmup_steps, min_lr_ratio=0.1):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-# -----------------------------------------------------------------------------
-# The flags every stage takes
-
-
-def add_common_args(parser, stage, init=None, data=None, steps=100):
-    g = parser.add_argument_group("common")
-    g.add_argument("--out", default=f"out/{stage}", help="folder for this stage's checkpoint and metrics")
-    if init is not None:
-        g.add_argument("--init", default=init, help="folder of the previous stage's checkpoint")
-    if data is not None:
-        g.add_argument("--data", default=data, help="input data file")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                   help="log-prob/KL/PPO-loss kernels: Triton on CUDA tensors (auto), or force one")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    return g
-
-
-def check_positive(args, *names):
-    """Each flag a positive, finite number (NaN and inf included in what is refused)."""
-    for name in names:
-        value = getattr(args, name.replace("-", "_"))
-        if value is None or not 0 < value < math.inf:
-            die(f"--{name} must be a positive number, got {value}")
-
-
-def check_nonnegative(args, *names):
-    for name in names:
-        value = getattr(args, name.replace("-", "_"))
-        if value is None or not 0 <= value < math.inf:
-            die(f"--{name} must be zero or a positive number, got {value}")
-
-
-# -----------------------------------------------------------------------------
-# Loading a previous stage, sampling answers, and judging them with the gold judge
-
-
-def load_tokenizer_or_die(path, flag):
-    from tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except (OSError, ValueError) as e:
-        die(f"{flag}: cannot load the tokenizer {path} ({e})")
-
-
-def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"), flag="--init"):
-    """A GPT checkpoint with its tokenizer: (model, enc, meta). Every check names the flag and folder."""
-    from model import GPT, GPTConfig
-
-    meta = load_meta(stage_dir, expect_stage, flag)
-    state = load_state_dict(stage_dir, device)
-    model = GPT(GPTConfig(**meta["config"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
-    enc = load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}")
-    if enc.n_vocab > model.config.vocab_size:
-        die(f"{flag} {stage_dir}: tokenizer {meta['tokenizer']} has {enc.n_vocab} tokens, the model only {model.config.vocab_size}")
-    return model.to(device), enc, meta
-
-
-def load_scalar_model(stage_dir, device, expect_stage=("reward",), flag="--reward"):
-    """A reward (or value) model: a GPT trunk with a scalar head. Returns (model, enc, meta)."""
-    from model import GPTConfig, ScalarModel
-
-    meta = load_meta(stage_dir, expect_stage, flag)
-    model = ScalarModel(GPTConfig(**meta["config"]))
-    try:
-        model.load_state_dict(load_state_dict(stage_dir, device))
-    except RuntimeError as e:
-        die(f"{flag} {stage_dir}: weights do not match the config in meta.json ({str(e).splitlines()[0][:160]})")
-    return model.to(device), load_tokenizer_or_die(meta["tokenizer"], f"{flag} {stage_dir}"), meta
-
-
-def encode_prompts(enc, prompts, max_len, where="prompts"):
-    """Chat-template token ids of each prompt; a prompt longer than max_len stops with a clear line."""
-    from tokenizer import encode_prompt
-
-    out = []
-    for i, p in enumerate(prompts):
-        ids = encode_prompt(enc, p)
-        if len(ids) > max_len:
-            # where: the JSONL file the prompts were read from (one per non-blank line), so name the line
-            at = f"{where}:{jsonl_line_numbers(where)[i]}" if Path(where).is_file() else f"{where}: prompt {i + 1}"
-            die(f"{at}: the prompt is {len(ids)} tokens, longer than the {max_len} the context leaves for it")
-        out.append(ids)
-    return out
-
-
-@torch.no_grad()
-def sample_responses(model, enc, prompts, device, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,
-                     batch_size=128, generator=None):
-    """Answers to a list of prompt strings, in batches with the KV cache.
-
-    Returns one dict per prompt: `ids` (the response tokens, the end token included when it came),
-    `text` (decoded, without the end token) and `ended` (False if it ran out of tokens first).
-    """
-    from model import left_pad
-    from tokenizer import decode_response, special_id
-
-    end_id, pad_id = special_id(enc, "<|end|>"), enc.eot_token
-    prompt_ids = encode_prompts(enc, prompts, model.config.block_size - max_new_tokens)
-    was_training = model.training
-    model.eval()
-    results = []
-    for i in range(0, len(prompt_ids), batch_size):
-        idx, mask = left_pad(prompt_ids[i : i + batch_size], pad_id)
-        out = model.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos_id=end_id, pad_id=pad_id, generator=generator)
-        for row in out.tolist():
-            ended = end_id in row
-            ids = row[: row.index(end_id) + 1] if ended else [t for t in row if t != pad_id]
-            results.append({"ids": ids, "text": decode_response(enc, ids), "ended": ended})
-    model.train(was_training)
-    return results
-
-
-def prompt_response_batch(enc, prompts, responses):
-    """Left-padded prompt + response ids (B, T), attention mask, and (B, T - 1) mask of the response targets."""
-    from model import left_pad
-    from tokenizer import encode_prompt
-
-    seqs = [encode_prompt(enc, p) + r["ids"] for p, r in zip(prompts, responses)]
-    idx, mask = left_pad(seqs, enc.eot_token)
-    T = idx.size(1)
-    lengths = torch.tensor([len(r["ids"]) for r in responses])
-    is_response = torch.arange(T)[None, :] >= T - lengths[:, None]  # each row ends with its response
-    return idx, mask, is_response[:, 1:]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, enc, prompts, responses, device, temperature=1.0, batch_size=200):
-    """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), at the sampling temperature."""
-    import kernels
-
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        idx, mask, targets = prompt_response_batch(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
-        idx, mask, targets = idx.to(device), mask.to(device), targets.to(device)
-        logits = model(idx, mask)[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
-        logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)
-        out.append((logp * targets).sum(1).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
-    """(N,) learned reward-model score of each answer (read at its last token)."""
-    reward_model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        idx, mask, _ = prompt_response_batch(enc, prompts[i : i + batch_size], responses[i : i + batch_size])
-        out.append(reward_model.score(idx.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def policy_eval(policy, ref, enc, rows, device, max_new_tokens, temperature, seed, world=None, reward_model=None):
-    """The eval/* metrics of a policy during training, on its own samples of the held-out prompts.
-
-    The same seed at every call (common random numbers), so a curve's wiggles are the policy's, not
-    the sampler's. eval/kl_to_sft is the sequence KL(pi || pi_ref) estimated on these samples, as
-    evaluate.py computes it; eval/proxy_score is the reward model's score of them; eval/gold_* is the
-    gold judge's.
-    """
-    prompts = [r["prompt"] for r in rows]
-    responses = sample_responses(policy, enc, prompts, device, max_new_tokens, temperature,
-                                 generator=torch.Generator(device).manual_seed(seed))
-    kl = (sequence_logprobs(policy, enc, prompts, responses, device, temperature)
-          - sequence_logprobs(ref, enc, prompts, responses, device, temperature))
-    out = {"eval/kl_to_sft": kl.mean().item()}
-    if reward_model is not None:
-        out["eval/proxy_score"] = proxy_scores(reward_model, enc, prompts, responses, device).mean().item()
-    if world is not None:
-        out.update(gold_summary(world, rows, responses))
-    return out
-
-
-def gold_summary(world, prompts, responses, prefix="eval/"):
-    """Mean gold reward with its standard error, plus the per-family figures the evaluation reports.
-
-    prompts: list of {"prompt", "family"}; responses: list of strings (or sample_responses dicts).
-    """
-    scores, fam_scores, correct, refusals = [], {}, {}, {}
-    for p, r in zip(prompts, responses):
-        text = r["text"] if isinstance(r, dict) else r
-        s = world.gold_score(p["prompt"], text)
-        _, info = world.judge(p["prompt"], text)
-        scores.append(s)
-        fam_scores.setdefault(info["family"], []).append(s)
-        if info["correct"] is not None:
-            correct.setdefault(info["family"], []).append(info["correct"])
-        refusals.setdefault("unsafe" if info["family"] == "unsafe" else "benign", []).append(info["refused"])
-    n = len(scores)
-    mean = sum(scores) / n
-    se = (sum((s - mean) ** 2 for s in scores) / max(n - 1, 1)) ** 0.5 / n ** 0.5
-    out = {f"{prefix}gold_reward": mean, f"{prefix}gold_reward_se": se}
-    for fam, ss in sorted(fam_scores.items()):
-        out[f"{prefix}gold_{fam}"] = sum(ss) / len(ss)
-    for fam, cs in sorted(correct.items()):
-        out[f"{prefix}correct_{fam}"] = sum(cs) / len(cs)
-    if "unsafe" in refusals:
-        out[f"{prefix}refusal_rate_unsafe"] = sum(refusals["unsafe"]) / len(refusals["unsafe"])
-    if "benign" in refusals:
-        out[f"{prefix}over_refusal_rate"] = sum(refusals["benign"]) / len(refusals["benign"])
-    texts = [r["text"] if isinstance(r, dict) else r for r in responses]
-    out[f"{prefix}length"] = sum(len(t.split()) for t in texts) / n
-    return out

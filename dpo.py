@@ -28,7 +28,7 @@ than the context skipped.
     torchrun --standalone --nproc_per_node=4 dpo.py --device cuda --batch-size 64   # 4 GPUs, 16 pairs each
 """
 
-import argparse
+import itertools
 import random
 from pathlib import Path
 
@@ -36,71 +36,63 @@ import torch
 import torch.nn.functional as F
 
 import common
-import kernels
-from model import left_pad
-from reward import load_preferences
-from tokenizer import encode_prompt, encode_response
+from evaluate import policy_eval
+from reward import load_preferences, tokenize_pairs
+from sampling import collate_responses, encode_prompts, response_logprobs
 from world import load_world
 
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="DPO: preference optimisation without a reward model")
-common.add_common_args(parser, "dpo", init="out/sft", data="out/feedback/preferences.jsonl", steps=100)
+parser = common.ArgumentParser(description="DPO: preference optimisation without a reward model")
+common.add_common_args(parser, "dpo", init="out/sft", data="out/feedback/preferences.jsonl", steps=100, kernels=True)
 g = parser.add_argument_group("dpo")
-g.add_argument("--beta", type=float, default=0.3, help="strength of the implicit KL: reward = beta log pi/pi_ref")
-g.add_argument("--label-smoothing", type=float, default=0.0, help="eps: share of labels assumed flipped (cDPO)")
+g.add_argument("--beta", type=common.positive_float, default=0.3,
+               help="strength of the implicit KL: reward = beta log pi/pi_ref")
+g.add_argument("--label-smoothing", type=common.number(float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+               default=0.0, help="eps: share of labels assumed flipped (cDPO)")
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all processes")
-g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
-g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=10)
-g.add_argument("--weight-decay", type=float, default=0.0)
-g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--batch-size", type=common.positive_int, default=32,
+               help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--lr", type=common.positive_float, default=1e-4, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=common.nonnegative_int, default=10)
+g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
+g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts whose pairs are held out")
-g.add_argument("--eval-every", type=int, default=25, help="held-out loss, gold reward and KL every N steps")
+g.add_argument("--val-fraction", type=common.number(float, lambda v: 0 <= v < 1, "must be in [0, 1)"), default=0.05,
+               help="share of prompts whose pairs are held out")
+g.add_argument("--eval-every", type=common.positive_int, default=25,
+               help="held-out loss, gold reward and KL every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts ({'prompt'} JSONL)")
-g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to sample (0: no sampling)")
-g.add_argument("--max-new-tokens", type=int, default=48, help="longest evaluation sample (as evaluate.py)")
-g.add_argument("--temperature", type=float, default=1.0, help="of the evaluation samples and their log-probs (as evaluate.py)")
+g.add_argument("--eval-prompts", type=common.nonnegative_int, default=200,
+               help="how many of them to sample (0: no sampling)")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48,
+               help="longest evaluation sample (as evaluate.py)")
+g.add_argument("--temperature", type=common.positive_float, default=1.0,
+               help="of the evaluation samples and their log-probs (as evaluate.py)")
 
 
 # -----------------------------------------------------------------------------
-# Data: preference pairs (read by reward.py's load_preferences) -> token ids
-
-
-def tokenize_pairs(enc, pairs, block_size):
-    """(prompt_ids, chosen_ids, rejected_ids) per pair, in the chat template; pairs too long are skipped."""
-    out = []
-    for p in pairs:
-        prompt = encode_prompt(enc, p["prompt"])
-        chosen, rejected = encode_response(enc, p["chosen"]), encode_response(enc, p["rejected"])
-        if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
-            out.append((prompt, chosen, rejected))
-    return out
-
-
-def collate(prompts, responses, pad_id):
-    """Prompt + response token lists -> idx, attention_mask, response_mask, all (B, T), left-padded."""
-    idx, attention_mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
-    response_mask, _ = left_pad([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)
-    return idx, attention_mask, response_mask
+# Data: preference pairs (read and tokenized by reward.py) -> batches
 
 
 def collate_pairs(batch, pad_id):
-    """A batch of pairs as 2B rows: the B chosen answers, then the B rejected ones."""
-    prompts = [p for p, _, _ in batch]
-    return collate(prompts + prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], pad_id)
+    """A batch of pairs as 2B left-padded rows: the B chosen answers, then the B rejected ones."""
+    prompts = [p["prompt"] for p in batch]
+    return collate_responses(prompts + prompts, [p["chosen"] for p in batch] + [p["rejected"] for p in batch], pad_id)
 
 
-def batch_indices(step, n, batch_size, seed):
-    """The pairs of step 1, 2, ...: epochs of a seeded shuffle, a pure function of step (resume for free)."""
-    first = (step - 1) * batch_size
-    epochs = range(first // n, (first + batch_size - 1) // n + 1)
-    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)) for e in epochs])
-    start = first - epochs[0] * n
-    return order[start : start + batch_size].tolist()
+def batches(n, batch_size, seed):
+    """The pairs of each step: epochs of a seeded shuffle of all n (epoch e from seed * 1000 + e), cut
+    into consecutive batches, a batch running on into the next epoch (the same on every rank)."""
+    order = []
+    for epoch in itertools.count():
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        while len(order) >= batch_size:
+            yield order[:batch_size]
+            order = order[batch_size:]
 
 
 # -----------------------------------------------------------------------------
@@ -108,13 +100,12 @@ def batch_indices(step, n, batch_size, seed):
 
 
 def sequence_logprobs(model, idx, attention_mask, response_mask, temperature=1.0):
-    """Sum of log pi(token) over the response tokens only (the <|end|> token included), (B,).
+    """log pi(y | x): the sum of log pi(y_t | x, y_<t) over the response tokens (<|end|> included), (B,).
 
     idx, attention_mask, response_mask: (B, T); response_mask marks which tokens of idx are response.
     The prompt and the padding are context, never scored.
     """
-    logits = model(idx, attention_mask)[:, :-1]  # (B, T-1, V): the prediction of token t+1
-    logp, _ = kernels.token_logprobs(logits, idx[:, 1:], temperature)  # (B, T-1) float32
+    logp, _, _ = response_logprobs(model, idx, attention_mask, temperature=temperature)  # (B, T-1): token t+1
     return (logp * response_mask[:, 1:].to(logp.dtype)).sum(dim=1)
 
 
@@ -155,14 +146,7 @@ def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "beta", "eval-every", "max-new-tokens",
-                          "temperature", "grad-clip")
-    common.check_nonnegative(args, "warmup-steps", "weight-decay", "eval-prompts")
     common.check_batch_split(args.batch_size, args.grad_accum)
-    if not 0 <= args.val_fraction < 1:
-        common.die(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if not 0 <= args.label_smoothing < 0.5:
-        common.die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     common.setup_kernels(args.kernels, device)
@@ -197,7 +181,7 @@ if __name__ == "__main__":
     eval_prompts, world = [], None
     if args.eval_prompts > 0:
         eval_prompts = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")[: args.eval_prompts]
-        common.encode_prompts(enc, [p["prompt"] for p in eval_prompts], block_size - args.max_new_tokens, args.eval_data)
+        encode_prompts(enc, [p["prompt"] for p in eval_prompts], block_size - args.max_new_tokens, args.eval_data)
         world = load_world(Path(args.eval_data).parent)
         if world is None:
             print(f"note: {args.eval_data} was not written by world.py: no gold judge, only eval/kl_to_sft")
@@ -205,15 +189,11 @@ if __name__ == "__main__":
 
     train_policy = common.wrap_ddp(policy, device)  # trained through DDP on several ranks; `policy` evaluates and saves
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
-    start, state = 0, None
-    if args.resume:  # the data position follows from the step (batch_indices)
-        start, state = common.load_resume(out, "dpo", policy, optimizer, logger, args.steps, config=init_meta["config"],
-                                          device=device)
-    if state is not None:
-        if state["n_train"] != n_train:
-            common.die(f"--resume: {out} was trained on {state['n_train']} pairs, --data gives {n_train}")
-        ref_logps = state["ref_logps"]
+    run = common.Run(args, "dpo", policy, optimizer, config=init_meta["config"], device=device)
+    if run.state is not None:
+        if run.state["n_train"] != n_train:
+            common.die(f"--resume: {out} was trained on {run.state['n_train']} pairs, --data gives {n_train}")
+        ref_logps = run.state["ref_logps"]
     else:
         # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
         # (Every rank computes all of them: simpler than sharding and gathering, and done once.)
@@ -230,27 +210,23 @@ if __name__ == "__main__":
             losses, cr, rr = dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing)
             metrics.update({"val/loss": losses.mean().item(), "val/accuracy": pair_accuracy(cr, rr).item()})
         if eval_prompts:
-            metrics.update(common.policy_eval(policy, ref, enc, eval_prompts, device, args.max_new_tokens,
-                                              args.temperature, args.seed, world))
+            metrics.update(policy_eval(policy, ref, enc, eval_prompts, device, args.max_new_tokens, args.temperature,
+                                       args.seed, world))
         return metrics
 
     def save(step, final=None):
         meta = {"stage": "dpo", "config": init_meta["config"], "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "final": final or {}}
-        common.save_checkpoint(out, policy, meta, common.resume_state(step, policy, optimizer, ref_logps=ref_logps,
-                                                                      n_train=n_train))
+        common.save_checkpoint(out, policy, meta, run.resume_state(step, ref_logps=ref_logps, n_train=n_train))
 
     # -- the loop ----------------------------------------------------------------------------
     show = ["dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"]
-    if start == 0 and common.master_process:  # step 0: the SFT model itself, the start of every curve
-        logger.log(0, {"pairs": 0, **evaluate()}, show=show)
-    metrics = {}
-    common.catch_interrupt()
-    for step in range(start + 1, args.steps + 1):
+    if run.start == 0 and common.master_process:  # step 0: the SFT model itself, the start of every curve
+        run.log(0, {"pairs": 0, **evaluate()}, show=show)
+    for step, ids in run.steps(batches(n_train, args.batch_size, args.seed), save, args.eval_every):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = batch_indices(step, n_train, args.batch_size, args.seed)  # the global batch, the same on every rank
         optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(["dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward",
                               "dpo/chosen_logp", "dpo/rejected_logp"], 0.0)
@@ -280,16 +256,9 @@ if __name__ == "__main__":
                    "pairs": step * args.batch_size}
         if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate())
-        logger.log(step, metrics, show=show)
-        if common.master_process and step % args.eval_every == 0 and step < args.steps:
-            save(step)
-        common.end_step(step, args.steps, save, out)
-    common.release_interrupt()
+        run.log(step, metrics, show=show)
 
     # -- final save: rank 0 alone (every rank holds the same weights) --------------------------------
-    common.cleanup_ddp()
-    if not common.master_process:
-        raise SystemExit(0)
     final = {k: v for k, v in metrics.items() if not k.startswith("train/")} or common.load_meta(out)["final"]
     save(args.steps, final)
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float) and "/" in k))

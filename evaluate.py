@@ -26,27 +26,31 @@ the judge is the tiny world's rule-based gold judge, and no confidence interval 
     python evaluate.py out/sft out/ppo --n-prompts 100 --best-of 4        # a quick look
 """
 
-import argparse
 import math
 from pathlib import Path
 
 import torch
 
 import common
+from sampling import collate_responses, encode_prompts, response_logprobs, sample_responses
+from tokenizer import encode_prompt
 from world import load_world
 
-parser = argparse.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
+power_of_2_or_0 = common.number(int, lambda n: n >= 0 and not n & (n - 1), "must be 0 or a power of 2")  # --best-of
+
+parser = common.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
 parser.add_argument("models", nargs="+", help="GPT checkpoint folders to evaluate (sft, ppo, dpo, ...)")
 g = parser.add_argument_group("what to compare")
 g.add_argument("--baseline", default="out/sft", help="the reference for win rate, KL and best-of-n")
 g.add_argument("--reward", default="out/reward", help="the learned reward model (proxy score, best-of-n)")
 g.add_argument("--data", default="data/eval_prompts.jsonl", help="held-out prompts (JSONL with 'prompt')")
-g.add_argument("--n-prompts", type=int, default=600, help="evaluate on the first N prompts")
-g.add_argument("--best-of", type=int, default=16, help="largest n of best-of-n (a power of 2; 0 = skip)")
+g.add_argument("--n-prompts", type=common.positive_int, default=600, help="evaluate on the first N prompts")
+g.add_argument("--best-of", type=power_of_2_or_0, default=16, help="largest n of best-of-n (a power of 2; 0 = skip)")
 g = parser.add_argument_group("sampling")
-g.add_argument("--max-new-tokens", type=int, default=48, help="as sft.py and feedback.py sample")
-g.add_argument("--temperature", type=float, default=1.0, help="the same for every model (and as PPO samples)")
-g.add_argument("--batch-size", type=int, default=200, help="sequences per forward pass")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="as sft.py and feedback.py sample")
+g.add_argument("--temperature", type=common.positive_float, default=1.0,
+               help="the same for every model (and as PPO samples)")
+g.add_argument("--batch-size", type=common.positive_int, default=200, help="sequences per forward pass")
 g = parser.add_argument_group("common")
 g.add_argument("--out", default="out/eval", help="folder for results.json and results.md")
 g.add_argument("--seed", type=int, default=1337, help="every model samples with this seed (common random numbers)")
@@ -55,7 +59,90 @@ g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 
 
 # -----------------------------------------------------------------------------
-# The pieces (pipeline.py and the reward-hacking experiments call these)
+# The measurements (the training stages and the reward-hacking experiments call these too)
+
+
+def gold_summary(world, prompts, responses, prefix="eval/"):
+    """Mean gold reward with its standard error, plus the per-family figures the evaluation reports.
+
+    prompts: list of {"prompt", "family"}; responses: list of strings (or sample_responses dicts).
+    """
+    scores, fam_scores, correct, refusals = [], {}, {}, {}
+    for p, r in zip(prompts, responses):
+        text = r["text"] if isinstance(r, dict) else r
+        s = world.gold_score(p["prompt"], text)
+        _, info = world.judge(p["prompt"], text)
+        scores.append(s)
+        fam_scores.setdefault(info["family"], []).append(s)
+        if info["correct"] is not None:
+            correct.setdefault(info["family"], []).append(info["correct"])
+        refusals.setdefault("unsafe" if info["family"] == "unsafe" else "benign", []).append(info["refused"])
+    n = len(scores)
+    mean = sum(scores) / n
+    se = (sum((s - mean) ** 2 for s in scores) / max(n - 1, 1)) ** 0.5 / n ** 0.5
+    out = {f"{prefix}gold_reward": mean, f"{prefix}gold_reward_se": se}
+    for fam, ss in sorted(fam_scores.items()):
+        out[f"{prefix}gold_{fam}"] = sum(ss) / len(ss)
+    for fam, cs in sorted(correct.items()):
+        out[f"{prefix}correct_{fam}"] = sum(cs) / len(cs)
+    if "unsafe" in refusals:
+        out[f"{prefix}refusal_rate_unsafe"] = sum(refusals["unsafe"]) / len(refusals["unsafe"])
+    if "benign" in refusals:
+        out[f"{prefix}over_refusal_rate"] = sum(refusals["benign"]) / len(refusals["benign"])
+    texts = [r["text"] if isinstance(r, dict) else r for r in responses]
+    out[f"{prefix}length"] = sum(len(t.split()) for t in texts) / n
+    return out
+
+
+def answer_batches(enc, prompts, responses, batch_size):
+    """(idx, attention_mask, response_mask) of prompt + answer, batch_size answers at a time."""
+    for i in range(0, len(prompts), batch_size):
+        prompt_ids = [encode_prompt(enc, p) for p in prompts[i : i + batch_size]]
+        yield collate_responses(prompt_ids, [r["ids"] for r in responses[i : i + batch_size]], enc.eot_token)
+
+
+@torch.no_grad()
+def sequence_kl(policy, ref, enc, prompts, responses, device, temperature=1.0, batch_size=200):
+    """(N,) log pi(y|x) - log pi_ref(y|x) of each answer y, summed over its tokens at the temperature.
+    On answers sampled from pi, its mean estimates the sequence KL(pi || pi_ref) (nats per answer)."""
+    models = (policy, ref)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    out = []
+    for idx, mask, response_mask in answer_batches(enc, prompts, responses, batch_size):
+        idx, mask, targets = idx.to(device), mask.to(device), response_mask[:, 1:].to(device)
+        logp, ref_logp = (response_logprobs(m, idx, mask, temperature=temperature)[0] for m in models)
+        out.append((logp * targets).sum(1).float().cpu() - (ref_logp * targets).sum(1).float().cpu())
+    for m, training in zip(models, was_training):
+        m.train(training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
+    """(N,) learned reward-model score of each answer (read at its last token)."""
+    reward_model.eval()
+    return torch.cat([reward_model.score(idx.to(device), mask.to(device)).float().cpu()
+                      for idx, mask, _ in answer_batches(enc, prompts, responses, batch_size)])
+
+
+@torch.no_grad()
+def policy_eval(policy, ref, enc, rows, device, max_new_tokens, temperature, seed, world=None, reward_model=None):
+    """The eval/* metrics of a policy during training (ppo.py, dpo.py), on its own samples of the
+    held-out prompts: eval/kl_to_sft (sequence_kl), eval/proxy_score (the reward model's mean score),
+    eval/gold_* (gold_summary). The same seed at every call (common random numbers), so a curve's
+    wiggles are the policy's, not the sampler's."""
+    prompts = [r["prompt"] for r in rows]
+    responses = sample_responses(policy, enc, prompts, device, max_new_tokens, temperature,
+                                 generator=torch.Generator(device).manual_seed(seed))
+    out = {"eval/kl_to_sft": sequence_kl(policy, ref, enc, prompts, responses, device, temperature).mean().item()}
+    if reward_model is not None:
+        out["eval/proxy_score"] = proxy_scores(reward_model, enc, prompts, responses, device).mean().item()
+    if world is not None:
+        out.update(gold_summary(world, rows, responses))
+    return out
+
 
 
 def win_rate(gold, baseline_gold):
@@ -76,7 +163,7 @@ def best_of_n_kl(n):
 
 
 def sample(model, enc, prompts, args, device, seed):
-    return common.sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=args.temperature,
+    return sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=args.temperature,
                                    batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(seed))
 
 
@@ -85,7 +172,7 @@ def evaluate_model(name, rows, responses, world, baseline_gold, kl, proxy):
     result = {"name": name, "gold_reward": None, "gold_reward_se": None, "win_rate_vs_sft": None,
               "kl_to_sft": kl, "proxy_score": proxy.mean().item() if proxy is not None else None}
     if world is not None:
-        summary = common.gold_summary(world, rows, responses, prefix="")
+        summary = gold_summary(world, rows, responses, prefix="")
         gold = [world.gold_score(r["prompt"], resp["text"]) for r, resp in zip(rows, responses)]
         result.update(summary, win_rate_vs_sft=win_rate(gold, baseline_gold))
     else:
@@ -113,9 +200,6 @@ def markdown_table(results):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "n-prompts", "max-new-tokens", "temperature", "batch-size")
-    if args.best_of < 0 or (args.best_of & (args.best_of - 1)):
-        common.die(f"--best-of must be 0 or a power of 2, got {args.best_of}")
     device, _ = common.setup_device(args.device)
     common.setup_kernels(args.kernels, device)
     common.seed_everything(args.seed)
@@ -129,7 +213,7 @@ if __name__ == "__main__":
         common.load_meta(path, ("pretrain", "sft", "ppo", "dpo"), flag="model")
     baseline, enc, _ = common.load_policy(args.baseline, device, flag="--baseline")
     reward_model, _, _ = common.load_scalar_model(args.reward, device)
-    common.encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)
+    encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)
     print(f"{len(rows)} prompts from {args.data} | temperature {args.temperature} | seed {args.seed}")
 
     def gold_of(responses):
@@ -148,9 +232,8 @@ if __name__ == "__main__":
             if model_enc.n_vocab != enc.n_vocab:
                 common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
             responses = sample(model, enc, prompts, args, device, args.seed)
-        kl = (common.sequence_logprobs(model, enc, prompts, responses, device, args.temperature, args.batch_size)
-              - common.sequence_logprobs(baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
-        proxy = common.proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
+        kl = sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size)
+        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
         results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
         gold = results[-1]["gold_reward"]
         print(f"  {name}: " + (f"gold {gold:+.3f} | " if gold is not None else "")
@@ -160,7 +243,7 @@ if __name__ == "__main__":
         # K answers per prompt from the baseline, in one go: prompt i's samples are rows i*K .. i*K + K - 1
         K = args.best_of
         many = sample(baseline, enc, [p for p in prompts for _ in range(K)], args, device, args.seed + 1)
-        proxy = common.proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
+        proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
                              args.batch_size).view(len(prompts), K)
         n = 1
         while n <= K:

@@ -39,32 +39,35 @@ policy improves.
     python feedback.py --device cuda --num-prompts 4000                               # one GPU
 """
 
-import argparse
 import random
 from pathlib import Path
 
 import torch
 
 import common
-import kernels
+from sampling import encode_prompts, sample_responses
 from world import load_world
 
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="Stage 2a: sample K answers per prompt, ask a labeller which is better")
-common.add_common_args(parser, "feedback", init="out/sft", data="data/prompts.jsonl", steps=0)
-next(a for a in parser._actions if a.dest == "steps").help = "stop after N answers in this session (0: all pairs)"
+parser = common.ArgumentParser(description="Stage 2a: sample K answers per prompt, ask a labeller which is better")
+g = common.add_common_args(parser, "feedback", init="out/sft", data="data/prompts.jsonl", steps=None)
+g.add_argument("--steps", type=common.nonnegative_int, default=0,
+               help="stop after N answers in this session (0: all pairs)")
 g = parser.add_argument_group("sampling")
-g.add_argument("--num-prompts", type=int, default=1000, help="prompts taken from the start of --data")
-g.add_argument("--k", type=int, default=6, help="responses per prompt; every pair of them is compared")
-g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the SFT model")
-g.add_argument("--max-new-tokens", type=int, default=48)
-g.add_argument("--sample-batch-size", type=int, default=256, help="sequences per generation batch")
+g.add_argument("--num-prompts", type=common.positive_int, default=1000, help="prompts taken from the start of --data")
+g.add_argument("--k", type=common.number(int, lambda k: k >= 2, "must be at least 2 (a comparison needs two answers)"),
+               default=6, help="responses per prompt; every pair of them is compared")
+g.add_argument("--temperature", type=common.positive_float, default=1.0, help="sampling temperature of the SFT model")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48)
+g.add_argument("--sample-batch-size", type=common.positive_int, default=256, help="sequences per generation batch")
 g = parser.add_argument_group("labelling")
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
-g.add_argument("--tau", type=float, default=0.5, help="simulated labeller's noise: Bradley-Terry temperature")
-g.add_argument("--save-every", type=int, default=500, help="simulated labels saved every N (a human's: every answer)")
+g.add_argument("--tau", type=common.positive_float, default=0.5,
+               help="simulated labeller's noise: Bradley-Terry temperature")
+g.add_argument("--save-every", type=common.positive_int, default=500,
+               help="simulated labels saved every N (a human's: every answer)")
 
 
 # -----------------------------------------------------------------------------
@@ -144,13 +147,6 @@ def agreement_with_gold(prefs):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "num-prompts", "k", "max-new-tokens", "sample-batch-size", "tau", "temperature",
-                          "save-every")
-    if args.k < 2:
-        common.die(f"--k must be at least 2 (a comparison needs two responses), got {args.k}")
-    if args.steps < 0:
-        common.die(f"--steps must be 0 (all pairs) or positive, got {args.steps}")
-    kernels.set_backend(args.kernels)  # unused here: sampling needs no per-token log-probs
     out = Path(args.out)
     pairs_path, prefs_path, skipped_path = out / "pairs.jsonl", out / "preferences.jsonl", out / "skipped.jsonl"
     samples_path = out / "samples.pt"  # the responses sampled so far, while sampling
@@ -188,8 +184,8 @@ if __name__ == "__main__":
             for p in prompts:
                 p.setdefault("family", world.parse(p["prompt"])[0])
         repeated = [p["prompt"] for p in prompts for _ in range(args.k)]  # K samples of each prompt, side by side
-        common.encode_prompts(enc, [p["prompt"] for p in prompts], model.config.block_size - args.max_new_tokens,
-                              where=args.data)
+        encode_prompts(enc, [p["prompt"] for p in prompts], model.config.block_size - args.max_new_tokens,
+                       where=args.data)
         print(f"sampling {args.k} responses to each of {len(prompts)} prompts from {args.init} "
               f"(temperature {args.temperature}): {len(repeated)} samples, {len(prompts) * args.k * (args.k - 1) // 2} pairs")
         generator = torch.Generator(device).manual_seed(args.seed)
@@ -211,11 +207,10 @@ if __name__ == "__main__":
             common.atomic_torch_save({"step": step, "responses": responses, "generator": generator.get_state(),
                                       "prompts": repeated}, samples_path)
 
-        common.catch_interrupt()
-        for step in range(start + 1, n_steps + 1):
+        for step in common.steps(start, n_steps, save_samples, out):  # Ctrl-C: saves the samples so far, exits
             chunk = repeated[(step - 1) * args.sample_batch_size : step * args.sample_batch_size]
-            new = common.sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
-                                          batch_size=args.sample_batch_size, generator=generator)
+            new = sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
+                                   batch_size=args.sample_batch_size, generator=generator)
             responses += new
             metrics = {"samples": len(responses), "feedback/ended": sum(r["ended"] for r in new) / len(new),
                        "feedback/length": sum(len(r["ids"]) for r in new) / len(new)}
@@ -223,8 +218,6 @@ if __name__ == "__main__":
                 metrics["feedback/gold_mean"] = sum(world.gold_score(p, r["text"]) for p, r in zip(chunk, new)) / len(new)
             logger.log(step, metrics)
             save_samples(step)  # every batch: sampling is this stage's costly part
-            common.end_step(step, n_steps, save_samples, out)
-        common.release_interrupt()
         pairs, n_identical = make_pairs(prompts, responses, args.k)
         if not pairs:
             common.die(f"--init {args.init}: no pairs to label (every pair of responses was identical)")
@@ -256,9 +249,9 @@ if __name__ == "__main__":
     ask = human_labeler(len(pairs)) if human else simulated_labeler(world, args.tau, args.seed)
     if human:
         print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
-    else:
-        common.catch_interrupt()  # (a human's Ctrl-C is read by input() as "q")
-    for n, pair in enumerate(todo, 1):
+    # counter "label": labels done in all sessions; Ctrl-C saves and exits (a human's is read by input() as "q")
+    labels = common.steps(len(done), len(pairs), save, out, counter="label", ctrl_c=not human)
+    for n, (_, pair) in enumerate(zip(labels, todo), 1):
         choice = ask(pair)
         if choice == "q":
             break
@@ -268,8 +261,7 @@ if __name__ == "__main__":
             prefs.append(preference(pair, choice, args.labeler, world))
         if human or n % args.save_every == 0:  # a human's answer is never lost; simulated ones are cheap to redo
             save()
-        common.end_step(len(prefs) + len(skipped), len(pairs), save, out, hook="RLHF_KILL_AT_LABEL")
-    common.release_interrupt()
+    labels.close()  # (the loop may stop before the labels do: q, or --steps)
 
     # -- 3. counts and the labeller's agreement with gold ---------------------------
     agreement, contradictions, n_decided = agreement_with_gold(prefs)

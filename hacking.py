@@ -37,25 +37,41 @@ import torch
 from matplotlib.figure import Figure
 
 import common
-from evaluate import best_of_n, best_of_n_kl
+from evaluate import best_of_n, best_of_n_kl, gold_summary, power_of_2_or_0, proxy_scores
+from sampling import sample_responses
 from world import load_world
 
-parser = argparse.ArgumentParser(description="Reward hacking: proxy and gold scores against KL to SFT")
+parser = common.ArgumentParser(description="Reward hacking: proxy and gold scores against KL to SFT")
 g = parser.add_argument_group("inputs (a finished pipeline.py run)")
 g.add_argument("--init", default="out/sft", help="the SFT model every run starts from")
 g.add_argument("--reward", default="out/reward", help="the learned reward model (the proxy)")
 g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
 g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
+def numbers(ok, must, allow_empty=True):
+    """argparse type=: comma-separated numbers, each ok(value) ("" is none, where allowed)."""
+    def parse(text):
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0,0.03,0.3, got {text!r}")
+        if not all(ok(v) for v in values) or not (values or allow_empty):
+            raise argparse.ArgumentTypeError(f"{must}, got {text!r}")
+        return values
+    return parse
+
+
 g = parser.add_argument_group("the sweep")
-g.add_argument("--kl-coefs", default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
-g.add_argument("--steps", type=int, default=120, help="PPO steps per run")
-g.add_argument("--eval-every", type=int, default=10, help="PPO steps between held-out measurements")
-g.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per measurement")
-g.add_argument("--max-new-tokens", type=int, default=32, help="as ppo.py samples (every method alike)")
-g.add_argument("--best-of", type=int, default=64, help="largest n of best-of-n (a power of 2; 0 = skip)")
-g.add_argument("--dpo-betas", default="0.1,0.3,1", help="comma-separated DPO beta values (empty: no DPO)")
-g.add_argument("--dpo-steps", type=int, default=100)
+g.add_argument("--kl-coefs", type=numbers(lambda c: 0 <= c < math.inf, "must be one or more numbers >= 0", False),
+               default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
+g.add_argument("--steps", type=common.positive_int, default=120, help="PPO steps per run")
+g.add_argument("--eval-every", type=common.positive_int, default=10, help="PPO steps between held-out measurements")
+g.add_argument("--eval-prompts", type=common.positive_int, default=200, help="held-out prompts per measurement")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="as ppo.py samples (every method alike)")
+g.add_argument("--best-of", type=power_of_2_or_0, default=64, help="largest n of best-of-n (a power of 2; 0 = skip)")
+g.add_argument("--dpo-betas", type=numbers(lambda b: 0 < b < math.inf, "must be numbers > 0"), default="0.1,0.3,1",
+               help="comma-separated DPO beta values (empty: no DPO)")
+g.add_argument("--dpo-steps", type=common.positive_int, default=100)
 g.add_argument("--ppo-args", default="", help='more ppo.py flags for every PPO run, e.g. "--lr 5e-5 --batch-size 128"')
 g.add_argument("--dpo-args", default="", help="more dpo.py flags for every DPO run")
 g.add_argument("--show", type=int, default=8, help="samples of the least-leashed policy in samples.md")
@@ -64,13 +80,6 @@ g.add_argument("--out", default="out/hacking", help="folder for the runs, result
 g.add_argument("--seed", type=int, default=1337)
 g.add_argument("--device", default="auto")
 g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-
-
-def parse_floats(text, flag):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        common.die(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.03,0.3")
 
 
 # -----------------------------------------------------------------------------
@@ -110,14 +119,14 @@ def best_of_n_curve(args, device, world, rows):
     K, prompts = args.best_of, [r["prompt"] for r in rows]
     many_prompts = [p for p in prompts for _ in range(K)]  # prompt i's samples: rows i*K .. i*K + K - 1
     print(f"best-of-n: {K} samples of each of {len(prompts)} held-out prompts from {args.init}")
-    many = common.sample_responses(sft, enc, many_prompts, device, args.max_new_tokens, temperature=1.0,
-                                   generator=torch.Generator(device).manual_seed(args.seed + 1))
-    proxy = common.proxy_scores(reward_model, enc, many_prompts, many, device).view(len(prompts), K)
+    many = sample_responses(sft, enc, many_prompts, device, args.max_new_tokens, temperature=1.0,
+                            generator=torch.Generator(device).manual_seed(args.seed + 1))
+    proxy = proxy_scores(reward_model, enc, many_prompts, many, device).view(len(prompts), K)
     points, n = [], 1
     while n <= K:
         pick = best_of_n(proxy, n).tolist()
         chosen = [many[i * K + j]["text"] for i, j in enumerate(pick)]
-        summary = common.gold_summary(world, rows, chosen, prefix="")
+        summary = gold_summary(world, rows, chosen, prefix="")
         points.append({"n": n, "kl": best_of_n_kl(n), "gold": summary["gold_reward"],
                        "gold_se": summary["gold_reward_se"],
                        "proxy": proxy.gather(1, torch.tensor(pick)[:, None]).mean().item()})
@@ -139,9 +148,9 @@ def samples_markdown(args, device, world, rows, run_dir, name):
     answers = {}
     for label, path in (("SFT", args.init), (name, run_dir)):
         model, _, _ = common.load_policy(path, device)
-        responses = common.sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=1.0,
-                                            generator=torch.Generator(device).manual_seed(args.seed))
-        answers[label] = (responses, common.proxy_scores(reward_model, enc, prompts, responses, device).tolist())
+        responses = sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=1.0,
+                                     generator=torch.Generator(device).manual_seed(args.seed))
+        answers[label] = (responses, proxy_scores(reward_model, enc, prompts, responses, device).tolist())
     for i, prompt in enumerate(prompts):
         lines += [f"**{prompt}**", ""]
         for label, (responses, proxy) in answers.items():
@@ -216,15 +225,7 @@ def save_figure(fig, path):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "eval-every", "eval-prompts", "max-new-tokens", "dpo-steps")
-    if args.best_of < 0 or (args.best_of & (args.best_of - 1)):
-        common.die(f"--best-of must be 0 or a power of 2, got {args.best_of}")
-    kl_coefs = parse_floats(args.kl_coefs, "--kl-coefs")
-    betas = parse_floats(args.dpo_betas, "--dpo-betas")
-    if not kl_coefs:
-        common.die("--kl-coefs: give at least one value")
-    if any(c < 0 for c in kl_coefs) or any(b <= 0 for b in betas):
-        common.die("--kl-coefs must be >= 0 and --dpo-betas > 0")
+    kl_coefs, betas = args.kl_coefs, args.dpo_betas
     world = load_world(Path(args.eval_data).parent)
     if world is None:
         common.die(f"--eval-data {args.eval_data}: not written by world.py; reward hacking needs the gold judge")

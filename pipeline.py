@@ -10,7 +10,6 @@ Each stage is its own script (read them in this order); this file only calls the
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
 """
 
-import argparse
 import json
 import shlex
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import common
 
-parser = argparse.ArgumentParser(description="Run every RLHF stage on the tiny world")
+parser = common.ArgumentParser(description="Run every RLHF stage on the tiny world")
 parser.add_argument("--out", default="out", help="folder for every stage's checkpoint and metrics")
 parser.add_argument("--data", default=None, help="folder for the tiny world's data (default: data/, or <out>/data with --out)")
 parser.add_argument("--quick", action="store_true", help="every stage at a few-second size")
@@ -67,6 +66,7 @@ def stages(out, data):
 
 
 RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo"}  # the stages with --resume
+KERNELS = {"ppo", "dpo", "evaluate"}  # the stages with --kernels (where a kernel runs)
 
 
 def write_report(out, times, quick):
@@ -123,7 +123,9 @@ if __name__ == "__main__":
             continue
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
-            cmd += ["--seed", str(args.seed), "--device", args.device, "--kernels", args.kernels]
+            cmd += ["--seed", str(args.seed), "--device", args.device]
+        if name in KERNELS:
+            cmd += ["--kernels", args.kernels]
         if args.quick:
             cmd += list(map(str, quick_args))
         if args.preset == "gpu":

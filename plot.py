@@ -24,7 +24,6 @@ From Python (pipeline.py): `plot.plot_runs(["out"], "out/plots", x="step", smoot
 paths written; `plot.make_figure(stage, runs)` returns the matplotlib Figure without saving it.
 """
 
-import argparse
 import json
 import math
 import os
@@ -127,31 +126,6 @@ class Run:
         self.path, self.stage, self.rows, self.name = Path(path), stage, rows, Path(path).name
 
 
-def read_metrics(path):
-    """Rows of a metrics.jsonl; a malformed line stops with `file:line: what is wrong`."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines) and not text.endswith("\n"):
-                print(f"note: {path}:{lineno}: skipped a line still being written")
-                continue
-            common.die(f"{path}:{lineno}: not valid JSON ({e.msg})")
-        if not isinstance(row, dict):
-            common.die(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        if not _is_number(row.get("step")):
-            common.die(f"{path}:{lineno}: missing a numeric 'step' (every logged line has one)")
-        rows.append(row)
-    if not rows:
-        common.die(f"{path}: empty file (no step logged yet)")
-    return rows
-
-
 def stage_of(folder):
     """meta.json's "stage", else the stage the folder's name starts with, else the name itself."""
     meta = folder / "meta.json"
@@ -183,7 +157,7 @@ def find_runs(paths):
         if not found:
             common.die(f"{p}: no metrics.jsonl in it nor in its subfolders (is it a stage's --out folder?)")
         folders += found
-    runs = [Run(f, stage_of(f), read_metrics(f / "metrics.jsonl")) for f in dict.fromkeys(folders)]
+    runs = [Run(f, stage_of(f), common.read_metrics(f / "metrics.jsonl")) for f in dict.fromkeys(folders)]
     # Two runs called "ppo" (runs/a/ppo, runs/b/ppo): name them by as many trailing folders as tell them apart.
     for name in {r.name for r in runs}:
         group = [r for r in runs if r.name == name]
@@ -365,7 +339,7 @@ def plot_runs(run_dirs, out_dir="out/plots", x="step", smooth=0.0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Learning curves from metrics.jsonl, one PNG per stage")
+    parser = common.ArgumentParser(description="Learning curves from metrics.jsonl, one PNG per stage")
     parser.add_argument("runs", nargs="+", help="stage folders (out/ppo), or a folder holding them (out)")
     parser.add_argument("--out", default="out/plots", help="folder for the PNGs")
     parser.add_argument("--x", default="step", choices=list(X_AXES), help="x-axis (step when a run lacks it)")

@@ -8,7 +8,18 @@ The quantity maximised is, per prompt x and sampled answer y,
     score(x, y) - kl_coef * sum_t [log pi(y_t | x, y_<t) - log pi_sft(y_t | x, y_<t)]
 
 so the policy may move away from SFT only where the reward model pays for it. The recipe of one
-step is numbered 1-7 in `rollout` and `ppo_update` below.
+step is numbered 1-7 in `rollout` and `ppo_update` below. The update (step 7, `policy_loss` and
+`value_loss`) is PPO's as cleanrl writes it: per real response token t, with A_t the whitened GAE
+advantage, R_t = A_t + V_old_t the return, and means over the real tokens of a minibatch,
+
+    ratio_t = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t) = exp(newlogprob_t - logprob_t)
+    pg_loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_coef, 1 + clip_coef))
+    v_loss  = 0.5 * mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)
+    loss    = pg_loss - ent_coef * mean_t H_t + vf_coef * v_loss           (eps_v: --cliprange-value)
+
+The max is the pessimistic bound: once a token's ratio has moved past 1 +- clip_coef in the
+direction its advantage pays for, it gives no more gradient, so several epochs of updates can reuse
+one batch of samples. On a GPU, policy_loss runs as one fused Triton kernel (kernels/ppo_loss.py).
 
 What this file simplifies against Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Stiennon et al. 2020 ("Learning to summarize from human feedback") and OpenAI's
@@ -44,6 +55,7 @@ advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0
 
 import argparse
 import contextlib
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +63,9 @@ import torch
 
 import common
 import kernels
+from evaluate import policy_eval
 from model import last_token_index, left_pad
+from sampling import encode_prompts, response_logprobs, token_logprobs
 from tokenizer import decode_response, special_id
 from world import load_world
 
@@ -60,45 +74,60 @@ from world import load_world
 
 
 def penalty_value(s):
-    return None if s.lower() == "none" else float(s)
+    """--missing-end-penalty: a finite number, or 'none'."""
+    value = None if s.lower() == "none" else float(s)
+    if value is not None and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number or none, got {value}")
+    return value
 
 
-parser = argparse.ArgumentParser(description="Stage 3: PPO against the reward model with a KL penalty to SFT")
-common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=60)
+unit_interval = common.number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1")  # --gamma, --lam
+
+
+parser = common.ArgumentParser(description="Stage 3: PPO against the reward model with a KL penalty to SFT")
+common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=60, kernels=True)
 g = parser.add_argument_group("models")
 g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
 g = parser.add_argument_group("rollout")
-g.add_argument("--batch-size", type=int, default=64, help="prompts (episodes) per PPO step, over all processes")
-g.add_argument("--max-new-tokens", type=int, default=32, help="longest response; longer ones are cut")
-g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used to score log-probs")
+g.add_argument("--batch-size", type=common.positive_int, default=64,
+               help="prompts (episodes) per PPO step, over all processes")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="longest response; longer ones are cut")
+g.add_argument("--temperature", type=common.positive_float, default=1.0,
+               help="sampling temperature, also used to score log-probs")
 g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
 # 0.3, not the usual 0.05-0.2: our reward model is easy to fool, and at 0.1 the gold reward peaks
 # after ~20 steps and is back below SFT by step 80 while the proxy score keeps rising.
-g.add_argument("--kl-coef", type=float, default=0.3, help="KL penalty coefficient (the start value with --adaptive-kl)")
+g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,
+               help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
                help="per-token KL: k1 = log ratio, k3 = r - 1 - log r, full = exact over the vocabulary")
 g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
-g.add_argument("--target-kl", type=float, default=1.5, help="target sequence KL (nats) of the adaptive controller")
-g.add_argument("--kl-horizon", type=int, default=1000, help="horizon (episodes) of the adaptive controller")
+g.add_argument("--target-kl", type=common.positive_float, default=1.5,
+               help="target sequence KL (nats) of the adaptive controller")
+g.add_argument("--kl-horizon", type=common.positive_int, default=1000,
+               help="horizon (episodes) of the adaptive controller")
 g.add_argument("--whiten-rewards", action="store_true", help="scale per-token rewards to unit variance")
 g = parser.add_argument_group("PPO")
-g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each batch of rollouts")
-g.add_argument("--minibatch-size", type=int, default=16, help="episodes per gradient step, over all processes")
-g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (policy and value)")
-g.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clip")
-g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-g.add_argument("--cliprange-value", type=float, default=0.2, help="how far a value prediction may move per batch")
-g.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
-g.add_argument("--gamma", type=float, default=1.0, help="discount")
-g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--ppo-epochs", type=common.positive_int, default=4, help="passes over each batch of rollouts")
+g.add_argument("--minibatch-size", type=common.positive_int, default=16,
+               help="episodes per gradient step, over all processes")
+g.add_argument("--lr", type=common.positive_float, default=1e-4, help="AdamW learning rate (policy and value)")
+g.add_argument("--clip-coef", type=common.nonnegative_float, default=0.2, help="PPO ratio clip")
+g.add_argument("--vf-coef", type=common.nonnegative_float, default=0.1, help="weight of the value loss")
+g.add_argument("--cliprange-value", type=common.nonnegative_float, default=0.2,
+               help="how far a value prediction may move per batch")
+g.add_argument("--ent-coef", type=common.nonnegative_float, default=0.0, help="entropy bonus")
+g.add_argument("--gamma", type=unit_interval, default=1.0, help="discount")
+g.add_argument("--lam", type=unit_interval, default=0.95, help="GAE lambda")
+g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
-g.add_argument("--eval-every", type=int, default=20, help="gold evaluation and checkpoint every N steps")
-g.add_argument("--sample-every", type=int, default=20, help="print a few samples every N steps")
+g.add_argument("--eval-every", type=common.positive_int, default=20,
+               help="gold evaluation and checkpoint every N steps")
+g.add_argument("--sample-every", type=common.positive_int, default=20, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
 
 
@@ -146,14 +175,20 @@ def truncate_at_end(responses, end_id, pad_id):
 def kl_per_token(logprobs, ref_logprobs, estimator="k1", logits=None, ref_logits=None, temperature=1.0):
     """Per-token estimate of KL(pi || pi_ref) at the sampled tokens (Schulman, "Approximating KL").
     k1 = log(pi/pi_ref): unbiased, can be negative. k3 = r - 1 - log r with r = pi_ref/pi: unbiased
-    and >= 0. full: the exact KL over the whole vocabulary at each position (no sampling noise)."""
+    and >= 0. full: the exact KL over the whole vocabulary at each position (no sampling noise),
+    sum_v pi_v (log pi_v - log pi_ref_v), both at the temperature; on CUDA the fused kernel
+    (kernels/kl.py: one pass over both logits, no [N, V] log-probs in memory)."""
     if estimator == "k1":
         return logprobs - ref_logprobs
     if estimator == "k3":
         log_r = ref_logprobs - logprobs
         return torch.exp(log_r) - 1 - log_r
     if estimator == "full":
-        return kernels.kl_divergence(logits, ref_logits, temperature)
+        if kernels.use_triton(logits):
+            return kernels.kl_divergence(logits, ref_logits, temperature)
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
+        ref_logp = torch.log_softmax(ref_logits.detach().float() / temperature, dim=-1)  # the reference: a constant
+        return (logp.exp() * (logp - ref_logp)).sum(-1)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
@@ -184,6 +219,41 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages * mask, (advantages + values) * mask
 
 
+def policy_loss(logits, responses, logprobs, advantages, mask, clip_coef=0.2, temperature=1.0, ref_logprobs=None,
+                kl_coef=0.0, ent_coef=0.0):
+    """PPO's clipped surrogate from the policy's logits (the formulas above), masked mean over real tokens:
+    mean(pg_loss + kl_coef * kl - ent_coef * entropy). The ratio is exactly 1 on the first minibatch.
+    ent_coef > 0 is a bonus: the loss falls as the entropy rises. ref_logprobs: an optional KL-to-
+    reference term (GRPO's; PPO here charges the KL in the reward), k3: kl = r - 1 - log r with r =
+    pi_ref / pi, whose gradient is that of KL(pi_ref || pi) in expectation (kernels/ppo_loss.py).
+
+    logits (B, R, V) predicting responses (B, R); logprobs (the rollout's), advantages, mask (B, R).
+    Returns (loss, stats): the masked means PPO logs, detached. On CUDA tensors: kernels.ppo_policy_loss,
+    the same computation fused (tests/test_kernels.py checks it against this function).
+    """
+    if kernels.use_triton(logits):
+        return kernels.ppo_policy_loss(logits, responses, logprobs, advantages, mask, clip_coef, temperature,
+                                       ref_logprobs, kl_coef, ent_coef)
+    newlogprob, entropy = token_logprobs(logits, responses, temperature)  # (B, R) each
+    real = mask.bool()
+    logratio = torch.where(real, newlogprob - logprobs, 0.0)  # padding: ratio 1, so exp() cannot overflow there
+    ratio = logratio.exp()
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    kl = torch.zeros_like(newlogprob)
+    if ref_logprobs is not None:
+        log_r = torch.where(real, ref_logprobs - newlogprob, 0.0)  # log(pi_ref / pi)
+        kl = log_r.exp() - log_r - 1
+    loss = masked_mean(pg_loss_max + kl_coef * kl - ent_coef * entropy, mask)
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_coef) & (pg_losses2 > pg_losses)  # the clipped side was the max
+        stats = {"clipfrac": clipped.float(), "approx_kl": (ratio - 1) - logratio,  # approx_kl: k3 of KL(old || new)
+                 "entropy": entropy, "ratio_mean": ratio, "pg_loss": pg_loss_max, "kl": kl}
+        stats = {k: masked_mean(v, mask) for k, v in stats.items()}
+    return loss, stats
+
+
 def value_loss(vpred, values, returns, mask, cliprange_value):
     """Clipped value loss (as PPO2 / lm-human-preferences): the worse of the new prediction and the
     prediction kept within cliprange_value of the rollout's. Returns (loss, clipfrac)."""
@@ -199,14 +269,6 @@ def adaptive_kl_coef(kl_coef, kl, target_kl, n_steps, horizon):
     e = clip(KL / target - 1, -0.2, 0.2), kl_coef <- kl_coef * (1 + e * n_steps / horizon)."""
     error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
-
-
-def response_logprobs(model, query_responses, attention_mask, context_length, responses, temperature):
-    """Log-prob and entropy of each response token, at the sampling temperature. (B, R) each, and the
-    logits (B, R, V) that predicted them (position t's logits predict token t + 1)."""
-    logits = model(query_responses, attention_mask)[:, context_length - 1 : -1]  # (B, R, V)
-    logprobs, entropy = kernels.token_logprobs(logits, responses, temperature)
-    return logprobs, entropy, logits
 
 
 @torch.no_grad()
@@ -230,9 +292,8 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
         if args.missing_end_penalty is not None:
             scores = torch.where(ended, scores, torch.full_like(scores, args.missing_end_penalty))
         # 4. log-probs of the sampled tokens under the policy and the reference, same temperature
-        logprobs, entropy, logits = response_logprobs(policy, query_responses, attention_mask, P, responses,
-                                                      args.temperature)
-        ref_logprobs, _, ref_logits = response_logprobs(ref_policy, query_responses, attention_mask, P, responses,
+        logprobs, entropy, logits = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
+        ref_logprobs, _, ref_logits = response_logprobs(ref_policy, query_responses, attention_mask, P,
                                                         args.temperature)
         values = value_model(query_responses, attention_mask)[:, P - 1 : -1].float()  # (B, R): V before token t
     # 5. per-token reward: -kl_coef * KL everywhere, plus the score on the last real token
@@ -262,10 +323,10 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
             mb = mb.to(batch["responses"].device)
             qr, am, mask = batch["query_responses"][mb], batch["attention_mask"][mb], batch["mask"][mb]
             with amp():
-                logits = policy(qr, am)[:, P - 1 : -1]  # (b, R, V)
-                pg_loss, pg_stats = kernels.ppo_policy_loss(
-                    logits, batch["responses"][mb], batch["logprobs"][mb], batch["advantages"][mb], mask,
-                    clip_coef=args.clip_coef, temperature=args.temperature, ent_coef=args.ent_coef)
+                logits = policy(qr, am)[:, P - 1 : -1]  # (b, R, V): the logits that predicted the response tokens
+                pg_loss, pg_stats = policy_loss(logits, batch["responses"][mb], batch["logprobs"][mb],
+                                                batch["advantages"][mb], mask, clip_coef=args.clip_coef,
+                                                temperature=args.temperature, ent_coef=args.ent_coef)
                 vpred = value_model(qr, am)[:, P - 1 : -1].float()  # (b, R)
             vf_loss, vf_clipfrac = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mask,
                                               args.cliprange_value)
@@ -287,21 +348,22 @@ def explained_variance(values, returns, mask, across_ranks=False):
             / masked_var(returns, mask, across_ranks).clamp(min=1e-8)).item()
 
 
+def prompt_batches(n, batch_size, seed):
+    """Which prompts each step: the first batch_size of a fresh shuffle of all n, from --seed (the same on
+    every rank, each then taking its share)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randperm(n, generator=generator)[:batch_size].tolist()
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "max-new-tokens", "temperature", "ppo-epochs",
-                          "minibatch-size", "lr", "eval-every", "sample-every", "target-kl", "kl-horizon")
-    common.check_nonnegative(args, "kl-coef", "vf-coef", "ent-coef", "cliprange-value", "grad-clip", "clip-coef")
     common.check_batch_split(args.batch_size)
     common.check_batch_split(args.minibatch_size, flag="--minibatch-size")
     if args.minibatch_size > args.batch_size:
         common.die(f"--batch-size {args.batch_size} is smaller than --minibatch-size {args.minibatch_size}")
-    if args.missing_end_penalty is not None and not abs(args.missing_end_penalty) < float("inf"):
-        common.die(f"--missing-end-penalty must be a finite number or none, got {args.missing_end_penalty}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
-        common.die(f"--gamma and --lam must be between 0 and 1, got {args.gamma} and {args.lam}")
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     common.setup_kernels(args.kernels, device)
@@ -328,8 +390,8 @@ if __name__ == "__main__":
     reward_model.eval()
     end_id, pad_id = special_id(enc, "<|end|>"), enc.eot_token
     max_prompt = min(policy.config.block_size, reward_model.config.block_size) - args.max_new_tokens
-    prompt_ids = common.encode_prompts(enc, [r["prompt"] for r in rows], max_prompt, where=args.data)
-    common.encode_prompts(enc, [r["prompt"] for r in eval_rows], max_prompt, where=args.eval_data)
+    prompt_ids = encode_prompts(enc, [r["prompt"] for r in rows], max_prompt, where=args.data)
+    encode_prompts(enc, [r["prompt"] for r in eval_rows], max_prompt, where=args.eval_data)
     # The rollouts use the models themselves; the PPO updates go through DDP, which all-reduces the gradients.
     train_policy, train_value_model = common.wrap_ddp(policy, device), common.wrap_ddp(value_model, device)
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=args.lr,
@@ -339,42 +401,36 @@ if __name__ == "__main__":
           f"{args.batch_size} episodes/step, {args.steps * args.batch_size} in all | {updates} updates/step"
           + (f" | {args.batch_size // common.ddp_world_size} episodes per process" if common.ddp else ""))
 
-    prompt_generator = torch.Generator().manual_seed(args.seed)  # which prompts each step (the same on every rank)
+    # -- resume: the policy, the optimizer and the generators; then the value model and the adaptive KL
     sample_generator = torch.Generator(device).manual_seed(args.seed + 1 + 1000 * common.ddp_rank)  # tokens: per rank
     shuffle_generator = torch.Generator().manual_seed(args.seed + 2)  # the minibatches
-    kl_coef, start = args.kl_coef, 0
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
-    generators = {"prompt": prompt_generator, "sample": sample_generator, "shuffle": shuffle_generator}
-    if args.resume:  # the policy, optimizer and generators; then the value model and the adaptive KL's state
-        start, state = common.load_resume(out, "ppo", policy, optimizer, logger, args.steps, generators,
-                                          asdict(policy.config), device)
-        if state is not None:
-            value_model.load_state_dict(state["value_model"])
-            kl_coef = state["kl_coef"]
-            if common.ddp_rank > 0:  # rank 0's sampling stream was saved; the other ranks start fresh ones of their own
-                sample_generator.manual_seed(args.seed + 1 + 1000 * common.ddp_rank + start)
-            print(f"  kl_coef {kl_coef:.4g}, {start * args.batch_size} episodes done")
+    run = common.Run(args, "ppo", policy, optimizer, {"sample": sample_generator, "shuffle": shuffle_generator},
+                     asdict(policy.config), device)
+    kl_coef = args.kl_coef
+    if run.state is not None:
+        value_model.load_state_dict(run.state["value_model"])
+        kl_coef = run.state["kl_coef"]
+        if common.ddp_rank > 0:  # rank 0's sampling stream was saved; the other ranks start fresh ones of their own
+            sample_generator.manual_seed(args.seed + 1 + 1000 * common.ddp_rank + run.start)
+        print(f"  kl_coef {kl_coef:.4g}, {run.start * args.batch_size} episodes done")
 
     def save(step, final=None):
         meta = {"stage": "ppo", "config": asdict(policy.config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "episodes": step * args.batch_size, "final": final or {}}
-        resume = common.resume_state(step, policy, optimizer, generators, value_model=value_model.state_dict(),
-                                     kl_coef=kl_coef, episodes=step * args.batch_size)
+        resume = run.resume_state(step, value_model=value_model.state_dict(), kl_coef=kl_coef,
+                                  episodes=step * args.batch_size)
         common.save_checkpoint(out, policy, meta, resume)
+
+    def evaluate():
+        return policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
+                           args.seed, world, reward_model)
 
     # -- the loop --------------------------------------------------------------
     show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
         "ppo/clipfrac", "value/explained_variance", "response/length", "eval/gold_reward"]
-    def evaluate():
-        return common.policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
-                                  args.seed, world, reward_model)
-
-    if start == 0 and eval_rows and common.master_process:  # step 0: the SFT model itself, the start of every eval/* curve
-        logger.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
-    metrics = {}
-    common.catch_interrupt()
-    for step in range(start + 1, args.steps + 1):
-        pick = torch.randperm(len(rows), generator=prompt_generator)[: args.batch_size].tolist()
+    if run.start == 0 and eval_rows and common.master_process:  # step 0: the SFT model, the start of every eval/* curve
+        run.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
+    for step, pick in run.steps(prompt_batches(len(rows), args.batch_size, args.seed), save, args.eval_every):
         pick = common.micro_batches(pick)[0]  # this rank's share of the prompts (all of them in one process)
         queries, query_mask = left_pad([prompt_ids[i] for i in pick], pad_id, device)  # (B, P), left-padded
         batch = rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, args, kl_coef,
@@ -396,7 +452,7 @@ if __name__ == "__main__":
                         "objective/kl_coef": kl_coef, "episodes": step * args.batch_size})
         if common.master_process and eval_rows and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate())
-        logger.log(step, metrics, show=show)
+        run.log(step, metrics, show=show)
         if args.adaptive_kl:  # the global KL and the global batch: every rank computes the same kl_coef
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.target_kl, args.batch_size,
                                        args.kl_horizon)
@@ -406,15 +462,8 @@ if __name__ == "__main__":
                 gold = f" | gold {world.gold_score(prompt, text):+.2f}" if world is not None else ""
                 print(f"  {prompt!r} -> {text!r}\n    score {batch['scores'][i].item():+.2f} | "
                       f"kl {seq_kl[i].item():+.2f}{gold}")
-        if common.master_process and step % args.eval_every == 0 and step < args.steps:
-            save(step)
-        common.end_step(step, args.steps, save, out)
-    common.release_interrupt()
 
-    # -- final evaluation (on the last step) and save: rank 0 alone ---------------------
-    common.cleanup_ddp()
-    if not common.master_process:
-        raise SystemExit(0)
+    # -- final save (the last step's metrics and evaluation): rank 0 alone -------------------
     final = {k: v for k, v in metrics.items() if k != "episodes"}
     save(args.steps, final)
     if "eval/gold_reward" in final:

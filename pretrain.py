@@ -15,7 +15,6 @@ data loader.
     python pretrain.py --data my_corpus.txt --tokenizer gpt2 --out out/pretrain_gpt2         # any text
 """
 
-import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,26 +28,27 @@ from world import World, load_world
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="Stage 0: next-token pretraining on a text corpus")
+parser = common.ArgumentParser(description="Stage 0: next-token pretraining on a text corpus")
 common.add_common_args(parser, "pretrain", data="data/pretrain.txt", steps=300)
 g = parser.add_argument_group("model")
 g.add_argument("--tokenizer", default="out/tokenizer", help="folder written by tokenizer.py, or 'gpt2'")
-g.add_argument("--block-size", type=int, default=128, help="context length in tokens")
-g.add_argument("--n-layer", type=int, default=4)
-g.add_argument("--n-head", type=int, default=4)
-g.add_argument("--n-embd", type=int, default=128)
-g.add_argument("--dropout", type=float, default=0.0)
+g.add_argument("--block-size", type=common.positive_int, default=128, help="context length in tokens")
+g.add_argument("--n-layer", type=common.positive_int, default=4)
+g.add_argument("--n-head", type=common.positive_int, default=4)
+g.add_argument("--n-embd", type=common.positive_int, default=128)
+g.add_argument("--dropout", type=common.nonnegative_float, default=0.0)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="sequences per step, over all processes")
-g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
-g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=30)
-g.add_argument("--weight-decay", type=float, default=0.1)
-g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--batch-size", type=common.positive_int, default=32, help="sequences per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--lr", type=common.positive_float, default=3e-3, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=common.nonnegative_int, default=30)
+g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.1)
+g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--eval-every", type=int, default=100, help="validation loss and a sample every N steps")
-g.add_argument("--eval-batches", type=int, default=10)
-g.add_argument("--val-fraction", type=float, default=0.05)
+g.add_argument("--eval-every", type=common.positive_int, default=100, help="validation loss and a sample every N steps")
+g.add_argument("--eval-batches", type=common.positive_int, default=10)
+g.add_argument("--val-fraction", type=common.fraction, default=0.05)
 
 
 # -----------------------------------------------------------------------------
@@ -79,6 +79,13 @@ def get_batch(data, batch_size, block_size, generator):
     return x, y  # (B, T), (B, T)
 
 
+def batches(data, batch_size, block_size, seed):
+    """The training batches, step after step: random windows drawn from --seed (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield get_batch(data, batch_size, block_size, generator)
+
+
 def configure_optimizer(model, lr, weight_decay):
     """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or embeddings' positions)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -104,14 +111,9 @@ def estimate_loss(model, data, args, device, dtype, generator):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "grad-accum", "block-size", "n-layer", "n-head", "n-embd", "lr",
-                          "eval-every", "eval-batches", "grad-clip")
-    common.check_nonnegative(args, "warmup-steps", "weight-decay", "dropout")
     common.check_batch_split(args.batch_size, args.grad_accum)
     if args.n_embd % args.n_head:
         common.die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
-    if not 0 < args.val_fraction < 1:
-        common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
@@ -148,28 +150,22 @@ if __name__ == "__main__":
     optimizer = configure_optimizer(model, args.lr, args.weight_decay)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters | {config}")
 
-    generator = torch.Generator().manual_seed(args.seed)  # the data position: which windows each step sees
     val_generator_seed = args.seed + 1  # the same validation windows at every evaluation
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
-    start = 0
-    if args.resume:
-        start, _ = common.load_resume(out, "pretrain", model, optimizer, logger, args.steps, {"data": generator},
-                                      asdict(config), device)
+    run = common.Run(args, "pretrain", model, optimizer, config=asdict(config), device=device)
 
     def save(step, final=None):
         meta = {"stage": "pretrain", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": args.tokenizer, "final": final or {}}
-        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer, {"data": generator}))
+        common.save_checkpoint(out, model, meta, run.resume_state(step))
 
     # -- the loop --------------------------------------------------------------
     model.train()
     val_loss = None
-    common.catch_interrupt()
-    for step in range(start + 1, args.steps + 1):
+    for step, (x, y) in run.steps(batches(train_data, args.batch_size, args.block_size, args.seed), save,
+                                  args.eval_every):  # the global batch, the same on every rank
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, args.batch_size, args.block_size, generator)  # the global batch, same on every rank
         optimizer.zero_grad(set_to_none=True)
         train_loss = 0.0
         for micro_step, (mx, my) in enumerate(zip(common.micro_batches(x, args.grad_accum),
@@ -193,7 +189,7 @@ if __name__ == "__main__":
             if world is not None:
                 metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
                 model.train()
-        logger.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
+        run.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
         if common.master_process and step % args.eval_every == 0 and step < args.steps:
             model.eval()
             prompt = "The " + (world.entities[0] + "'s colour is" if world else "")
@@ -202,14 +198,8 @@ if __name__ == "__main__":
                                     pad_id=enc.eot_token, generator=torch.Generator(device).manual_seed(step))
             print(f"  sample: {prompt}{enc.decode([t for t in sample[0].tolist() if t != enc.eot_token])!r}")
             model.train()
-            save(step)
-        common.end_step(step, args.steps, save, out)
-    common.release_interrupt()
 
     # -- final evaluation and save: rank 0 alone (every rank holds the same weights) --
-    common.cleanup_ddp()
-    if not common.master_process:
-        raise SystemExit(0)
     final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
     if world is not None:
         final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)

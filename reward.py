@@ -36,7 +36,7 @@ removed; earlier turns of a longer conversation stay in the prompt as plain text
 response is what follows it; chosen and rejected must share that prompt.
 """
 
-import argparse
+import itertools
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -45,25 +45,26 @@ import torch
 import torch.nn.functional as F
 
 import common
-import kernels
 from model import ScalarModel, last_token_index
 from tokenizer import encode_prompt, encode_response
 
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
+parser = common.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
 common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=300)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all processes")
-g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
-g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=20)
-g.add_argument("--weight-decay", type=float, default=0.0)
-g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--batch-size", type=common.positive_int, default=32,
+               help="preference pairs per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--lr", type=common.positive_float, default=3e-4, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
+g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
+g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts whose pairs are held out")
-g.add_argument("--eval-every", type=int, default=100, help="held-out loss and accuracies every N steps")
+g.add_argument("--val-fraction", type=common.fraction, default=0.1, help="share of prompts whose pairs are held out")
+g.add_argument("--eval-every", type=common.positive_int, default=100, help="held-out loss and accuracies every N steps")
 
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
@@ -113,13 +114,15 @@ def load_preferences(path, flag="--data"):
 
 
 def tokenize_pairs(enc, rows, block_size):
-    """(chosen ids, rejected ids), each prompt + response + <|end|>; pairs that do not fit are skipped."""
+    """Token ids of each pair in the chat template: {"prompt", "chosen", "rejected"} (each response
+    ending in <|end|>) and its "row"; pairs whose longer answer does not fit the context are skipped.
+    dpo.py tokenizes its pairs through this function too."""
     pairs = []
     for r in rows:
-        p = encode_prompt(enc, r["prompt"])
-        c, j = p + encode_response(enc, r["chosen"]), p + encode_response(enc, r["rejected"])
-        if max(len(c), len(j)) <= block_size:
-            pairs.append({"chosen": c, "rejected": j, "row": r})
+        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]), encode_response(enc, r["chosen"]),
+                                    encode_response(enc, r["rejected"]))
+        if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": r})
     return pairs
 
 
@@ -139,6 +142,13 @@ def epoch_batches(lengths, batch_size, seed, group=8):
     return [batches[k] for k in order]
 
 
+def batches(lengths, batch_size, seed):
+    """The training batches, step after step: epoch after epoch of epoch_batches, epoch e seeded with
+    seed + 1000 e (the same on every rank)."""
+    for epoch in itertools.count():
+        yield from epoch_batches(lengths, batch_size, seed + 1000 * epoch)
+
+
 def collate(seqs, pad_id):
     """Right-pad token lists -> idx, attention_mask, both (N, T)."""
     T = max(len(s) for s in seqs)
@@ -152,7 +162,7 @@ def collate(seqs, pad_id):
 
 def score_pairs(model, pairs, pad_id, device):
     """(B,) r_chosen and (B,) r_rejected: both halves in one forward pass of 2B right-padded rows."""
-    idx, mask = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    idx, mask = collate([p["prompt"] + p[k] for k in ("chosen", "rejected") for p in pairs], pad_id)
     idx, mask = idx.to(device), mask.to(device)
     values = model(idx, mask)  # (2B, T): forward, not .score(), as DDP all-reduces only through forward
     scores = values[torch.arange(len(idx), device=device), last_token_index(mask)]  # each row's last real token
@@ -216,12 +226,7 @@ def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "eval-every", "grad-clip")
-    common.check_nonnegative(args, "warmup-steps", "weight-decay")
     common.check_batch_split(args.batch_size, args.grad_accum)
-    if not 0 < args.val_fraction < 1:
-        common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    kernels.set_backend(args.kernels)  # unused here: the reward model needs no per-token log-probs
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     common.seed_everything(args.seed + common.ddp_rank)  # the head's init differs per rank; DDP copies rank 0's
@@ -245,44 +250,32 @@ if __name__ == "__main__":
     val_prompts = set(prompts[: max(1, round(len(prompts) * args.val_fraction))])
     train_pairs = [p for p in pairs if p["row"]["prompt"] not in val_prompts]
     val_pairs = sorted((p for p in pairs if p["row"]["prompt"] in val_prompts),  # by length: little padding
-                       key=lambda p: max(len(p["chosen"]), len(p["rejected"])))
+                       key=lambda p: len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])))
     if not train_pairs or not val_pairs:
         common.die(f"--data {args.data}: need pairs for both training and validation, got "
                    f"{len(train_pairs)} and {len(val_pairs)} (from {len(prompts)} distinct prompts)")
     print(f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs ({len(prompts)} distinct prompts) | "
           f"{args.steps * args.batch_size / len(train_pairs):.1f} epochs")
-    lengths = [max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
-    n_batches, batches = len(train_pairs) // args.batch_size, {}
-    if n_batches == 0:
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
+    if len(train_pairs) < args.batch_size:
         common.die(f"--batch-size {args.batch_size} is larger than the {len(train_pairs)} training pairs")
 
     # -- optimizer, resume -----------------------------------------------------
     train_model = common.wrap_ddp(model, device)  # trained through DDP on several ranks; `model` evaluates and saves
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
-    start = 0
-    if args.resume:  # the data position follows from the step (epoch_batches is seeded per epoch)
-        start, _ = common.load_resume(out, "reward", model, optimizer, logger, args.steps, config=asdict(config),
-                                      device=device)
+    run = common.Run(args, "reward", model, optimizer, config=asdict(config), device=device)
 
     def save(step, final=None, offset=0.0):
         meta = {"stage": "reward", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "reward_offset": offset, "final": final or {}}
-        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer))
+        common.save_checkpoint(out, model, meta, run.resume_state(step))
 
     # -- the loop --------------------------------------------------------------
     model.train()
-    metrics = {}
-    common.catch_interrupt()
-    for step in range(start + 1, args.steps + 1):
+    for step, batch in run.steps(batches(lengths, args.batch_size, args.seed), save, args.eval_every):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Step -> (epoch, batch): an epoch's batches follow from the seed, so a resumed run continues exactly.
-        epoch, k = divmod(step - 1, n_batches)
-        if epoch not in batches:
-            batches = {epoch: epoch_batches(lengths, args.batch_size, args.seed + 1000 * epoch)}
-        batch = batches[epoch][k]  # the global batch, the same on every rank
         optimizer.zero_grad(set_to_none=True)
         sums = {"reward/loss": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
         for micro_step, micro in enumerate(common.micro_batches(batch, args.grad_accum)):
@@ -304,17 +297,9 @@ if __name__ == "__main__":
         if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             with common.autocast(device, dtype):
                 metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
-        logger.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
-        if common.master_process and step % args.eval_every == 0 and step < args.steps:
-            save(step)
-        common.end_step(step, args.steps, save, out)
-    common.release_interrupt()
+        run.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
 
-    common.cleanup_ddp()
-    if not common.master_process:  # rank 0 alone normalises, evaluates and saves (all ranks hold the same weights)
-        raise SystemExit(0)
-
-    # -- normalise: the SFT samples of the feedback file score 0 on average ------------
+    # -- normalise: the SFT samples of the feedback file score 0 on average (rank 0 alone from here) --
     with common.autocast(device, dtype):
         offset, n_texts = mean_score(model, enc, rows, args.batch_size, pad_id, device, config.block_size)
     with torch.no_grad():

@@ -27,7 +27,6 @@ batch, as reward.py does, halves the padding here too, but made the loss fall mo
 Data: JSONL with {"prompt","response"} per line, or {"messages":[{"role","content"},...]}.
 """
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,30 +34,34 @@ import torch
 import torch.nn.functional as F
 
 import common
-import kernels
+from evaluate import gold_summary
+from sampling import encode_prompts, sample_responses
 from tokenizer import encode_prompt, encode_response
 from world import load_world
 
 # -----------------------------------------------------------------------------
 # Config
 
-parser = argparse.ArgumentParser(description="Stage 1: supervised fine-tuning on demonstrations")
+parser = common.ArgumentParser(description="Stage 1: supervised fine-tuning on demonstrations")
 common.add_common_args(parser, "sft", init="out/pretrain", data="data/sft.jsonl", steps=200)
 g = parser.add_argument_group("optimisation")
-g.add_argument("--batch-size", type=int, default=32, help="demonstrations per step, over all processes")
-g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (same step, less memory)")
-g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-g.add_argument("--warmup-steps", type=int, default=20)
-g.add_argument("--weight-decay", type=float, default=0.0)
-g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--batch-size", type=common.positive_int, default=32, help="demonstrations per step, over all processes")
+g.add_argument("--grad-accum", type=common.positive_int, default=1,
+               help="micro-batches per step and process (same step, less memory)")
+g.add_argument("--lr", type=common.positive_float, default=1e-3, help="peak learning rate (AdamW)")
+g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
+g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
+g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--val-fraction", type=float, default=0.05, help="demonstrations held out for val/loss")
-g.add_argument("--eval-every", type=int, default=50, help="val/loss, samples and gold reward every N steps")
+g.add_argument("--val-fraction", type=common.fraction, default=0.05, help="demonstrations held out for val/loss")
+g.add_argument("--eval-every", type=common.positive_int, default=50,
+               help="val/loss, samples and gold reward every N steps")
 g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
-g.add_argument("--eval-prompts", type=int, default=200, help="eval prompts judged periodically (all of them at the end)")
-g.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled response")
-g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the evaluation")
-g.add_argument("--sample-batch-size", type=int, default=200, help="prompts per generation batch")
+g.add_argument("--eval-prompts", type=common.positive_int, default=200,
+               help="eval prompts judged periodically (all of them at the end)")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="longest sampled response")
+g.add_argument("--temperature", type=common.positive_float, default=1.0, help="sampling temperature of the evaluation")
+g.add_argument("--sample-batch-size", type=common.positive_int, default=200, help="prompts per generation batch")
 
 
 # -----------------------------------------------------------------------------
@@ -153,24 +156,26 @@ def val_loss(model, examples, batch_size, pad_id, device, dtype):
 
 
 def gold_eval(model, enc, world, prompts, args, device, seed, prefix="eval/"):
-    """Sample one response per prompt and judge them: common.gold_summary's figures, plus the samples."""
+    """Sample one response per prompt and judge them: evaluate.gold_summary's figures, plus the samples."""
     gen = torch.Generator(device).manual_seed(seed)  # the same noise at every evaluation: comparable curves
-    samples = common.sample_responses(model, enc, [p["prompt"] for p in prompts], device, args.max_new_tokens,
-                                      args.temperature, batch_size=args.sample_batch_size, generator=gen)
-    return common.gold_summary(world, prompts, samples, prefix), samples
+    samples = sample_responses(model, enc, [p["prompt"] for p in prompts], device, args.max_new_tokens,
+                               args.temperature, batch_size=args.sample_batch_size, generator=gen)
+    return gold_summary(world, prompts, samples, prefix), samples
+
+
+def batches(n, batch_size, seed):
+    """Which demonstrations each step sees: batch_size of the n drawn at random (with replacement),
+    from --seed (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(n, (batch_size,), generator=generator).tolist()
 
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    common.check_positive(args, "steps", "batch-size", "grad-accum", "lr", "eval-every", "eval-prompts",
-                          "max-new-tokens", "sample-batch-size", "temperature", "grad-clip")
-    common.check_nonnegative(args, "warmup-steps", "weight-decay")
     common.check_batch_split(args.batch_size, args.grad_accum)
-    if not 0 < args.val_fraction < 1:
-        common.die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    kernels.set_backend(args.kernels)  # unused here: the SFT loss is plain cross-entropy on the logits
     out = Path(args.out)
     device, dtype = common.setup_ddp(args.device)
     common.seed_everything(args.seed + common.ddp_rank)  # dropout differs per rank; rank 0 is the one-process run
@@ -208,35 +213,27 @@ if __name__ == "__main__":
         eval_prompts = common.read_jsonl(args.eval_data, required=("prompt",), flag="--eval-data")
         for p in eval_prompts:  # gold_summary groups by family; the judge knows it from the text
             p.setdefault("family", world.parse(p["prompt"])[0])
-        common.encode_prompts(enc, [p["prompt"] for p in eval_prompts], config.block_size - args.max_new_tokens,
-                              where=args.eval_data)  # a too-long prompt stops now, not after training
+        encode_prompts(enc, [p["prompt"] for p in eval_prompts], config.block_size - args.max_new_tokens,
+                       where=args.eval_data)  # a too-long prompt stops now, not after training
         print(f"eval: gold reward of {min(args.eval_prompts, len(eval_prompts))} of {len(eval_prompts)} held-out prompts "
               f"every {args.eval_every} steps, all of them at the end (temperature {args.temperature})")
 
     # -- optimizer, resume -----------------------------------------------------
     train_model = common.wrap_ddp(model, device)  # trained through DDP on several ranks; `model` evaluates and saves
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    generator = torch.Generator().manual_seed(args.seed)  # which demonstrations each step sees (the same on every rank)
-    logger = common.MetricsLogger(out / "metrics.jsonl", args.steps, enabled=common.master_process, resume=args.resume)
-    start = 0
-    if args.resume:
-        start, _ = common.load_resume(out, "sft", model, optimizer, logger, args.steps, {"data": generator},
-                                      asdict(config), device)
+    run = common.Run(args, "sft", model, optimizer, config=asdict(config), device=device)
 
     def save(step, final=None):
         meta = {"stage": "sft", "config": asdict(config), "args": vars(args), "step": step,
                 "tokenizer": init_meta["tokenizer"], "init": args.init, "final": final or {}}
-        common.save_checkpoint(out, model, meta, common.resume_state(step, model, optimizer, {"data": generator}))
+        common.save_checkpoint(out, model, meta, run.resume_state(step))
 
     # -- the loop --------------------------------------------------------------
     model.train()
-    metrics = {}
-    common.catch_interrupt()
-    for step in range(start + 1, args.steps + 1):
+    for step, batch in run.steps(batches(len(train_examples), args.batch_size, args.seed), save, args.eval_every):
         lr = common.lr_at(step - 1, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = torch.randint(len(train_examples), (args.batch_size,), generator=generator).tolist()
         n_tokens = sum(len(train_examples[i][1]) for i in batch)  # response tokens of the whole (global) batch
         optimizer.zero_grad(set_to_none=True)
         train_loss = 0.0
@@ -264,27 +261,20 @@ if __name__ == "__main__":
                 judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_prompts]
                 summary, samples = gold_eval(model, enc, world, judged, args, device, args.seed + 2)
                 metrics.update(summary)
-        logger.log(step, metrics, show=["train/loss", "val/loss", "eval/gold_reward", "train/lr"])
+        run.log(step, metrics, show=["train/loss", "val/loss", "eval/gold_reward", "train/lr"])
         if common.master_process and step % args.eval_every == 0 and step < args.steps:
             sample_prompts = [p["prompt"] for p in eval_prompts[:3]] or val_prompts[:3]
             gen = torch.Generator(device).manual_seed(step)
-            for p, s in zip(sample_prompts, common.sample_responses(model, enc, sample_prompts, device,
-                                                                    args.max_new_tokens, args.temperature,
-                                                                    generator=gen)):
+            for p, s in zip(sample_prompts, sample_responses(model, enc, sample_prompts, device, args.max_new_tokens,
+                                                             args.temperature, generator=gen)):
                 print(f"  sample: {p!r} -> {s['text']!r}")
-            save(step)
-        common.end_step(step, args.steps, save, out)
-    common.release_interrupt()
 
     # -- final evaluation: pretrained vs SFT vs ideal, on every held-out prompt (rank 0 alone) --
-    common.cleanup_ddp()
-    if not common.master_process:
-        raise SystemExit(0)
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "samples")}
     if eval_prompts:
         pretrained, _, _ = common.load_policy(args.init, device, expect_stage="pretrain")
         pre_summary, pre_samples = gold_eval(pretrained, enc, world, eval_prompts, args, device, args.seed + 2)
-        ideal_summary = common.gold_summary(world, eval_prompts, [world.ideal_response(p["prompt"]) for p in eval_prompts])
+        ideal_summary = gold_summary(world, eval_prompts, [world.ideal_response(p["prompt"]) for p in eval_prompts])
         for name, s in (("pretrain", pre_summary), ("ideal", ideal_summary)):
             final[f"eval/gold_reward_{name}"] = s["eval/gold_reward"]
             final[f"eval/gold_reward_{name}_se"] = s["eval/gold_reward_se"]

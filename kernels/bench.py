@@ -7,9 +7,10 @@
 
 bf16 logits, N tokens (as B sequences of --seq-len), V in {50257 (GPT-2), 128256 (Llama 3)}.
 For each op it runs, side by side:
-  ours     the Triton kernels (kernels.*, backend="triton")
-  eager    the PyTorch reference (kernels/reference.py)
-  compile  torch.compile of that reference
+  ours     the Triton kernels (kernels.*)
+  eager    the stages' plain PyTorch that the kernels compute (sampling.token_logprobs,
+           ppo.kl_per_token(..., "full"), ppo.policy_loss), run with --kernels torch
+  compile  torch.compile of that plain PyTorch
   liger    Liger-Kernel where it has the op and is installed: its fused cross-entropy stands in
            for token log-probs (log-prob only, no entropy), its GRPO loss for the PPO loss
            (per-sequence advantages, inplace=False); it has no exact-KL-from-logits op
@@ -160,7 +161,7 @@ def build_logprobs(torch, kernels, reference, compiled, liger_ce, N, V, backward
         return fwd_bwd
 
     fns = {
-        "ours": run(lambda x, t: kernels.token_logprobs(x, t, 1.0, backend="triton")),
+        "ours": run(lambda x, t: kernels.token_logprobs(x, t, 1.0)),
         "eager": run(lambda x, t: reference.token_logprobs(x, t, 1.0)),
         "compile": run(lambda x, t: compiled["token_logprobs"](x, t, 1.0)),
     }
@@ -184,13 +185,13 @@ def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T, backward
     logits_full.requires_grad_(backward)
     actions = torch.randint(0, V, (B, T), device=DEVICE)
     with torch.no_grad():
-        logp, _ = kernels.token_logprobs(logits_full[:, :-1], actions, backend="triton")
+        logp, _ = kernels.token_logprobs(logits_full[:, :-1], actions)
     old = logp + 0.1 * torch.randn_like(logp)
     ref = logp + 0.1 * torch.randn_like(logp)
     adv_seq = torch.randn(B, device=DEVICE)
     adv = adv_seq[:, None].expand(B, T).contiguous()
     mask = torch.rand(B, T, device=DEVICE) > 0.1
-    kw = dict(clip_coef=0.2, temperature=1.0, ref_logprobs=ref, kl_coef=0.05, kl_estimator="k3")
+    kw = dict(clip_coef=0.2, temperature=1.0, ref_logprobs=ref, kl_coef=0.05)
 
     # ours and the references read the [B, T, V] view logits[:, :-1] (no copy for ours), and
     # the gradient is taken with respect to that view, so no slice-backward copy is timed
@@ -207,7 +208,7 @@ def build_ppo(torch, kernels, reference, compiled, liger_grpo, N, V, T, backward
         return fwd_bwd if backward else fwd
 
     fns = {
-        "ours": run(lambda *a, **k: kernels.ppo_policy_loss(*a, backend="triton", **k)),
+        "ours": run(kernels.ppo_policy_loss),
         "eager": run(reference.ppo_policy_loss),
         "compile": run(lambda *a, **k: compiled["ppo_policy_loss"](*a, **k)),
     }
@@ -237,7 +238,7 @@ def build_kl(torch, kernels, reference, compiled, N, V):
         return lambda: torch.autograd.grad(f(logits, ref_logits), logits, g)
 
     return {
-        "ours": run(lambda x, y: kernels.kl_divergence(x, y, 1.0, backend="triton")),
+        "ours": run(lambda x, y: kernels.kl_divergence(x, y, 1.0)),
         "eager": run(lambda x, y: reference.kl_divergence(x, y, 1.0)),
         "compile": run(lambda x, y: compiled["kl_divergence"](x, y, 1.0)),
         "liger": "no exact-KL-from-logits op",
@@ -326,6 +327,19 @@ def sweep(args, bw, do_bench, torch, kernels, reference, header, meta):
         print(f"wrote {args.out}")
 
 
+def plain_pytorch(kernels):
+    """The stages' plain PyTorch of the three ops (what the kernels compute and are tested against),
+    under the names of the kernels: the 'eager' and 'compile' rows."""
+    import types
+
+    import ppo
+    import sampling
+    kernels.set_backend("torch")  # the stage functions run their plain PyTorch on CUDA tensors too
+    return types.SimpleNamespace(
+        token_logprobs=sampling.token_logprobs, ppo_policy_loss=ppo.policy_loss,
+        kl_divergence=lambda logits, ref_logits, t: ppo.kl_per_token(None, None, "full", logits, ref_logits, t))
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -338,7 +352,7 @@ def main(argv=None):
     except ImportError:
         sys.exit("kernels/bench.py: triton is not installed")
     import kernels
-    from kernels import reference
+    reference = plain_pytorch(kernels)
 
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth(do_bench, torch)

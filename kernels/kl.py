@@ -11,8 +11,9 @@ over the whole vocabulary (not a one-sample estimate), and its gradient to the p
 
     dKL/dx_v = p_v * ((log p_v - log q_v) - KL)         (times g / temperature)
 
-The PyTorch reference (`kernels/reference.py::kl_divergence`) builds two float32 [N, V]
-log-softmax tensors, an exp, a product and a sum, and keeps log p and log q for the backward.
+The plain PyTorch of the stage (`ppo.kl_per_token(..., "full")`, which calls this kernel on CUDA
+tensors) builds two float32 [N, V] log-softmax tensors, an exp, a product and a sum, and keeps
+log p and log q for the backward.
 
 Memory traffic, per row of V bf16 logits (2 bytes each)
 -------------------------------------------------------
@@ -39,7 +40,6 @@ import triton.language as tl
 
 from .logprobs import (LN2, LOG2E, block_config, check_logits, check_temperature, row_layout,
                        row_start)
-from .reference import kl_divergence as kl_divergence_reference  # noqa: F401  (what we compute)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ class KLDivergence(torch.autograd.Function):
 
 
 def kl_divergence(logits, ref_logits, temperature=1.0):
-    """Triton path of `kernels.kl_divergence` (use that one: it dispatches)."""
+    """The fused exact KL (call it as kernels.kl_divergence)."""
     check_logits(logits)
     check_logits(ref_logits, "ref_logits")
     if ref_logits.shape != logits.shape:

@@ -10,9 +10,10 @@ and, in the backward, the gradient for upstream gradients (g_logp, g_H):
 
     dlogits_v = ( g_logp * (1[v == target] - p_v)  -  g_H * p_v * (log p_v + H) ) / temperature
 
-The PyTorch reference (`kernels/reference.py::token_logprobs`) runs `.float()`, `/ temperature`,
-`log_softmax`, `gather`, `exp`, `*`, `sum`: each a separate pass over an [N, V] tensor, and it keeps
-the float32 [N, V] log-probs alive for the backward.
+The plain PyTorch of the stages (`sampling.token_logprobs`, which calls this kernel on CUDA
+tensors) runs `.float()`, `/ temperature`, `log_softmax`, `gather`, `exp`, `*`, `sum`: each a
+separate pass over an [N, V] tensor, and it keeps the float32 [N, V] log-probs alive for the
+backward.
 
 Memory traffic, per row of V bf16 logits (2 bytes each)
 -------------------------------------------------------
@@ -34,8 +35,6 @@ kernel -> backward kernel (shared with `ppo_loss.py`) -> host wrappers -> autogr
 import torch
 import triton
 import triton.language as tl
-
-from .reference import token_logprobs as token_logprobs_reference  # noqa: F401  (what we compute)
 
 # Constants visible inside @triton.jit functions must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x = 2^(x * log2(e))
@@ -307,7 +306,7 @@ class TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(logits, targets, temperature=1.0):
-    """Triton path of `kernels.token_logprobs` (use that one: it dispatches)."""
+    """The fused token log-probs and entropy (call it as kernels.token_logprobs)."""
     check_logits(logits)
     check_per_token(targets, logits, "targets", integer=True)
     temperature = check_temperature(temperature)

@@ -2,17 +2,26 @@
 
 What is fused
 -------------
-Per token t (row x = logits[t] / temperature), with A the advantage and old the log-prob of the
-action under the policy that sampled it:
+What `ppo.policy_loss` computes in plain PyTorch (its docstring has the formulas as PPO states
+them), per token t (row x = logits[t] / temperature), with A the advantage and old the log-prob of
+the action under the policy that sampled it:
 
     logp   = x[action] - logsumexp(x)            H = entropy of softmax(x)
     ratio  = exp(logp - old)
     pg     = max(-A * ratio, -A * clip(ratio, 1 - clip_coef, 1 + clip_coef))
-    kl     = k1: logp - ref      k3: exp(ref - logp) - (ref - logp) - 1     (0 without ref)
+    kl     = exp(ref - logp) - (ref - logp) - 1     (k3; 0 without ref_logprobs)
     loss_t = pg + kl_coef * kl - ent_coef * H
     loss   = sum_t mask_t * loss_t / max(sum_t mask_t, 1)
 
 and the statistics PPO logs (clip fraction, approx KL(old || new), mean ratio, ...).
+
+The KL term is for a KL-to-reference penalty in the loss (GRPO's; PPO here charges its KL in the
+reward instead): Schulman's k3 estimator of KL(pi || pi_ref), always >= 0. The gradient it follows
+is not that of KL(pi || pi_ref): d kl / d logp = 1 - r with r = pi_ref / pi, and in expectation over
+tokens sampled from pi, E_pi[(1 - pi_ref / pi) grad log pi] = -sum_y pi_ref(y) grad log pi(y)
+= grad KL(pi_ref || pi): the gradient of the forward KL, from the reference to the policy. (k1 =
+logp - ref in the loss would follow E_pi[grad log pi] = 0 in expectation, no gradient at all: hence
+k3 only.)
 
 loss_t depends on the logits only through (logp_t, H_t), so the backward is exactly the
 token-log-prob backward (`logprobs.py`) with per-token upstream gradients
@@ -25,14 +34,14 @@ the shared kernel with the device scalar G / denom folded into every row. No `.i
 synchronisation: denom = max(sum mask, 1) stays a device tensor.
 
     dloss_t/dlogp_t = ratio * (0 if the clipped branch is active else -A)    (clip is flat there)
-                    + kl_coef * (1 [k1]  or  1 - exp(ref - logp) [k3])
+                    + kl_coef * (1 - exp(ref - logp))
 
 Tokens with mask 0 are skipped outright: the forward does not read their logits and the backward
 writes zeros without reading them (PPO batches are often a third padding).
 
 Memory traffic, per real token, V bf16 logits (2 bytes each)
 -------------------------------------------------------------
-    naive (reference) fwd+bwd   the reference token_logprobs in float32: ~46 V bytes forward,
+    plain PyTorch fwd+bwd       token_logprobs in float32 (sampling.py): ~46 V bytes forward,
                                 about twice that backward
     fused forward               read 2V, write 48 bytes (8 per-token sums, 2 derivatives, lse, H)
     fused backward              read 2V, write 2V
@@ -48,7 +57,6 @@ import triton.language as tl
 from .logprobs import (LN2, LOG2E, block_config, check_logits, check_per_token,
                        check_temperature, online_logsumexp_entropy, row_layout, row_start,
                        token_logprobs_bwd)
-from .reference import ppo_policy_loss as ppo_policy_loss_reference  # noqa: F401
 
 # columns of the per-token buffer; each entry is already multiplied by the token's mask
 # (the kernel stores them at these offsets: tok + 0 ... tok + 7)
@@ -65,8 +73,7 @@ def _ppo_loss_fwd_kernel(
     lse2_ptr, entropy_ptr,   # [N] fp32 out (zero-filled): saved for the backward
     V, inner, stride_outer, stride_inner,
     inv_temperature, clip_coef, kl_coef, ent_coef,
-    HAS_REF: tl.constexpr,   # ref_logprobs given
-    KL_K3: tl.constexpr,     # k3 estimator (else k1)
+    HAS_REF: tl.constexpr,   # ref_logprobs given: the k3 KL term
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -98,16 +105,12 @@ def _ppo_loss_fwd_kernel(
         clipped = (tl.abs(ratio - 1.0) > clip) & clipped_active
         dlogp = tl.where(clipped_active, 0.0, -adv * ratio)   # d pg / d logp
 
-        # 3. KL penalty to the reference policy, per token, from its log-prob of the action
+        # 3. KL penalty to the reference policy, per token, from its log-prob of the action (k3)
         kl = 0.0
         if HAS_REF:
             d = tl.load(ref_logp_ptr + row) - logp    # log(pi_ref / pi)
-            if KL_K3:
-                kl = tl.exp(d) - d - 1.0
-                dlogp += beta * (1.0 - tl.exp(d))
-            else:
-                kl = -d
-                dlogp += beta
+            kl = tl.exp(d) - d - 1.0
+            dlogp += beta * (1.0 - tl.exp(d))
 
         # 4. per-token loss, statistics and derivatives, weighted by the mask
         loss = pg + beta * kl - ent * entropy
@@ -131,7 +134,7 @@ def _flat_f32(t):
 
 
 def ppo_loss_fwd(logits, actions, old_logprobs, advantages, mask, ref_logprobs,
-                 clip_coef, temperature, kl_coef, kl_estimator, ent_coef):
+                 clip_coef, temperature, kl_coef, ent_coef):
     """Returns (loss, stats [6], denom, lse2, entropy, dlogp, dent); loss/stats/denom 0-dim or [6]
     device tensors, the rest flat [N] fp32 for the backward."""
     x, n_rows, inner, stride_outer, stride_inner = row_layout(logits)
@@ -152,7 +155,7 @@ def ppo_loss_fwd(logits, actions, old_logprobs, advantages, mask, ref_logprobs,
             tok, dlogp, dent, lse2, entropy,
             V, inner, stride_outer, stride_inner,
             1.0 / temperature, float(clip_coef), float(kl_coef), float(ent_coef),
-            HAS_REF=ref_logprobs is not None, KL_K3=kl_estimator == "k3",
+            HAS_REF=ref_logprobs is not None,
             BLOCK_V=BLOCK_V, num_warps=num_warps,
         )
     sums = tok.sum(0)                       # [8], one deterministic reduction, on the device
@@ -169,10 +172,10 @@ class PPOPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, actions, old_logprobs, advantages, mask, ref_logprobs,
-                clip_coef, temperature, kl_coef, kl_estimator, ent_coef):
+                clip_coef, temperature, kl_coef, ent_coef):
         loss, stats, denom, lse2, entropy, dlogp, dent = ppo_loss_fwd(
             logits, actions, old_logprobs, advantages, mask, ref_logprobs,
-            clip_coef, temperature, kl_coef, kl_estimator, ent_coef)
+            clip_coef, temperature, kl_coef, ent_coef)
         flat_actions = actions.reshape(-1).to(torch.int64).contiguous()
         ctx.save_for_backward(logits, flat_actions, lse2, entropy, dlogp, dent, denom)
         ctx.temperature = temperature
@@ -186,24 +189,21 @@ class PPOPolicyLoss(torch.autograd.Function):
         scale = (grad_loss.to(torch.float32) / denom).reshape(())
         dlogits = token_logprobs_bwd(logits, actions, lse2, entropy, dlogp, dent,
                                      ctx.temperature, scale=scale)
-        return dlogits, None, None, None, None, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None, None, None
 
 
 def ppo_policy_loss(logits, actions, old_logprobs, advantages, mask, clip_coef=0.2,
-                    temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
-                    ent_coef=0.0):
-    """Triton path of `kernels.ppo_policy_loss` (use that one: it dispatches)."""
+                    temperature=1.0, ref_logprobs=None, kl_coef=0.0, ent_coef=0.0):
+    """The fused PPO policy loss (call it as kernels.ppo_policy_loss)."""
     check_logits(logits)
     check_per_token(actions, logits, "actions", integer=True)
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         check_per_token(t, logits, name)
     if ref_logprobs is not None:
         check_per_token(ref_logprobs, logits, "ref_logprobs")
-    if kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
     temperature = check_temperature(temperature)
     loss, stats = PPOPolicyLoss.apply(
         logits, actions, old_logprobs.detach(), advantages.detach(), mask.detach(),
         ref_logprobs.detach() if ref_logprobs is not None else None,
-        clip_coef, temperature, kl_coef, kl_estimator, ent_coef)
+        clip_coef, temperature, kl_coef, ent_coef)
     return loss, {name: stats[i] for i, name in enumerate(STAT_NAMES)}

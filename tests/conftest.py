@@ -56,14 +56,20 @@ def stage_here(monkeypatch, capsys):
     return run
 
 
+def fault(what, step):
+    """The environment of a run that fails at the end of `step` as a crash (SIGKILL), a Ctrl-C (SIGINT)
+    or a diverged loss (NaN) would: common's one test switch, RLHF_TEST_FAULT."""
+    return {"RLHF_TEST_FAULT": f"{what}@step={step}"}
+
+
 @pytest.fixture
 def kill_resume(stage_here):
-    """run(argv, kill_at) runs a stage in a new process that SIGKILLs itself at step kill_at (the
-    RLHF_KILL_AT_STEP hook in common.end_step, or another hook), checks it died so, then resumes it
-    with --resume in this process. Returns (the killed run, the resumed run)."""
-    def run(argv, kill_at, hook="RLHF_KILL_AT_STEP"):
+    """run(argv, kill_at) runs a stage in a new process that SIGKILLs itself at the end of step kill_at
+    (the test switch in common.steps), checks it died so, then resumes it with --resume in this
+    process. Returns (the killed run, the resumed run)."""
+    def run(argv, kill_at):
         argv = list(map(str, argv))
-        killed = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, hook: str(kill_at)},
+        killed = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, **fault("SIGKILL", kill_at)},
                                 capture_output=True, text=True, timeout=300)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         resumed = stage_here(argv + ["--resume"])
@@ -73,6 +79,7 @@ def kill_resume(stage_here):
 
 
 def metrics_without_time(path):
+    """The rows of a metrics.jsonl without their wall-clock time: what two runs of the same steps share."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]
 

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import ppo  # noqa: E402
 from model import left_pad  # noqa: E402
+from sampling import encode_prompts  # noqa: E402
+from conftest import fault, metrics_without_time as rows  # noqa: E402
 from test_ppo import stages  # noqa: E402,F401  (fixture: a tiny SFT policy and reward model)
 from test_reward import run_here  # noqa: E402  (the chain fixture: pretrain -> sft -> feedback, in conftest.py)
 from tokenizer import special_id  # noqa: E402
@@ -42,19 +45,32 @@ CURVES = ("train/loss", "train/grad_norm", "val/loss", "reward/loss", "reward/ma
           "dpo/rejected_logp")
 
 
-def torchrun(*args, timeout=180, env=None, check=True):
-    """2 processes, gloo. The timeout turns a hang (a rank waiting for a collective) into a failure, and
-    kills the launcher's whole process group, so no worker is left behind."""
+def start_torchrun(*args, env=None):
+    """torchrun with 2 processes (gloo), in a process group of its own as a terminal's job."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+
+def wait_for(proc, timeout, what):
+    """(stdout, stderr) of a torchrun job; past the timeout (a rank waiting for a collective) it fails, after
+    killing torchrun and its workers (each in a session of its own: not in torchrun's process group)."""
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        workers = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                   if (p / "stat").exists() and (p / "stat").read_text().rsplit(")", 1)[-1].split()[1] == str(proc.pid)]
+        for pid in [proc.pid, *workers]:
+            os.kill(pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"torchrun {' '.join(map(str, args[:1]))} still running after {timeout} s: a rank hung")
-    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        pytest.fail(f"torchrun {what} still running after {timeout} s: a rank hung")
+
+
+def torchrun(*args, timeout=180, env=None, check=True):
+    """2 processes, gloo; the timeout turns a hang into a failure, with no process left behind."""
+    proc = start_torchrun(*args, env=env)
+    stdout, stderr = wait_for(proc, timeout, args[0])
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -64,10 +80,6 @@ def torchrun_ranks(tmp, script, *args):
     """torchrun through tests/ddp_ranks.py: returns (result, [what rank 0 did, what rank 1 did])."""
     r = torchrun("tests/ddp_ranks.py", tmp / "ranks", script, *args, "--device", "cpu")
     return r, [torch.load(tmp / "ranks" / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
-
-
-def rows(path):
-    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in common.read_metrics(path)]
 
 
 def assert_curves_close(a, b):
@@ -122,21 +134,77 @@ def test_pretrain_under_torchrun_matches_one_process(chain, tmp_path, monkeypatc
     assert ddp[-1]["tokens"] == 6 * 8 * 64  # the global batch's tokens
 
 
-def test_pretrain_under_torchrun_killed_and_resumed_is_the_uninterrupted_run(chain, tmp_path):
-    """Both ranks die (SIGKILL, the test hook) at the end of step 4, one step after the checkpoint of
-    step 3; `--resume` under torchrun continues from it to the same weights and metrics, bit for bit."""
-    tmp, _ = chain
-    args = ["pretrain.py", "--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--steps", 6,
+def pretrain_args(tmp, steps=6):
+    return ["pretrain.py", "--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--steps", steps,
             "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--block-size", 64, "--batch-size", 8, "--eval-every", 3,
             "--eval-batches", 1, "--device", "cpu"]
-    torchrun(*args, "--out", tmp_path / "straight")
-    killed = torchrun(*args, "--out", tmp_path / "resumed", env={"RLHF_KILL_AT_STEP": "4"}, check=False)
+
+
+@pytest.fixture(scope="module")
+def straight_under_torchrun(chain, tmp_path_factory):
+    """Six pretraining steps under torchrun, uninterrupted: the folder."""
+    tmp, _ = chain
+    out = tmp_path_factory.mktemp("ddp") / "straight"
+    torchrun(*pretrain_args(tmp), "--out", out)
+    return out
+
+
+def assert_resumes_to_the_uninterrupted_run(tmp, out, straight, at_step):
+    resumed = torchrun(*pretrain_args(tmp), "--out", out, "--resume")
+    assert "resumed from" in resumed.stdout and f"at step {at_step}" in resumed.stdout
+    assert rows(out / "metrics.jsonl") == rows(straight / "metrics.jsonl")
+    assert (out / "model.pt").read_bytes() == (straight / "model.pt").read_bytes()
+
+
+def test_pretrain_under_torchrun_killed_and_resumed_is_the_uninterrupted_run(chain, tmp_path, straight_under_torchrun):
+    """Both ranks die (SIGKILL, the test switch) at the end of step 4, one step after the checkpoint of
+    step 3; `--resume` under torchrun continues from it to the same weights and metrics, bit for bit."""
+    tmp, _ = chain
+    killed = torchrun(*pretrain_args(tmp), "--out", tmp_path / "resumed", env=fault("SIGKILL", 4), check=False)
     assert killed.returncode != 0
     assert [r["step"] for r in common.read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
-    resumed = torchrun(*args, "--out", tmp_path / "resumed", "--resume")
-    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    assert rows(tmp_path / "resumed" / "metrics.jsonl") == rows(tmp_path / "straight" / "metrics.jsonl")
-    assert (tmp_path / "resumed" / "model.pt").read_bytes() == (tmp_path / "straight" / "model.pt").read_bytes()
+    assert_resumes_to_the_uninterrupted_run(tmp, tmp_path / "resumed", straight_under_torchrun, at_step=3)
+
+
+def test_a_ctrl_c_seen_by_one_rank_stops_every_rank_at_the_same_step(chain, tmp_path, straight_under_torchrun):
+    """Rank 1 alone gets the Ctrl-C, during step 2: both ranks stop at the end of step 2 (a rank that
+    went on would wait for the other forever), after rank 0 saved step 2 (not a checkpoint step)."""
+    tmp, _ = chain
+    out = tmp_path / "ctrl_c"
+    r = torchrun(*pretrain_args(tmp), "--out", out, env={"RLHF_TEST_FAULT": "SIGINT@step=2,rank=1"}, check=False)
+    assert r.returncode != 0 and "exitcode  : 130" in r.stderr, r.stderr[-3000:]  # (torchrun's own status is 1)
+    assert "interrupted: checkpoint of step 2 saved" in r.stdout and "with --resume" in r.stdout
+    assert json.loads((out / "meta.json").read_text())["step"] == 2
+    assert [r["step"] for r in common.read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert_resumes_to_the_uninterrupted_run(tmp, out, straight_under_torchrun, at_step=2)
+
+
+def test_ctrl_c_at_the_terminal_saves_and_stops_the_torchrun_job(chain, tmp_path):
+    """A Ctrl-C at the terminal goes to torchrun, which passes it on to every rank: the job stops at the
+    end of one step with that step saved (resuming from it: the test above)."""
+    tmp, _ = chain
+    out, steps = tmp_path / "terminal", 400
+    proc = start_torchrun(*pretrain_args(tmp, steps), "--eval-every", steps, "--out", out)
+    for _ in range(600):  # until the first step is logged
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # what a terminal does: to torchrun (the workers have sessions of their own)
+    stdout, stderr = wait_for(proc, 120, "after a Ctrl-C")
+    saved = json.loads((out / "meta.json").read_text())["step"]
+    assert 0 < saved < steps and f"interrupted: checkpoint of step {saved} saved" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert [r["step"] for r in common.read_metrics(out / "metrics.jsonl")] == list(range(1, saved + 1))
+
+
+def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_status_2(chain, tmp_path):
+    tmp, _ = chain
+    for extra, line in ((["--batch-size", "-4"], "error: --batch-size must be a positive number, got -4"),
+                        (["--batch-size", "7"], "error: --batch-size 7 must be a multiple of 2 (processes 2 x "
+                                                "micro-batches 1)")):
+        r = torchrun(*pretrain_args(tmp), "--out", tmp_path / "bad", *extra, check=False)
+        assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]  # torchrun's own status: 1
+        assert [x for x in r.stderr.splitlines() if x.startswith("error: ")] == [line]
+        assert not (tmp_path / "bad").exists()
 
 
 def test_sft_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
@@ -232,7 +300,7 @@ def test_ppo_under_torchrun_keeps_ranks_in_step_and_logs_global_means(stages, tm
     ref, _, _ = common.load_policy(d / "sft", "cpu")
     reward_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
     value_model, _, _ = common.load_scalar_model(d / "reward", "cpu")
-    prompts = common.encode_prompts(enc, [p["prompt"] for p in common.read_jsonl(a.data)], 64 - a.max_new_tokens)
+    prompts = encode_prompts(enc, [p["prompt"] for p in common.read_jsonl(a.data)], 64 - a.max_new_tokens)
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(a.seed))[: a.batch_size].tolist()
     batches = []
     for rank in (0, 1):

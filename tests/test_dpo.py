@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from conftest import metrics_without_time  # noqa: E402
 from dpo import dpo_loss, pair_accuracy, sequence_logprobs  # noqa: E402
 from model import GPT, GPTConfig, left_pad  # noqa: E402
 
@@ -205,13 +206,22 @@ def tiny_run(tmp_path_factory):
     return tmp, run
 
 
-def test_end_to_end_reference_frozen_and_deterministic(tiny_run):
+@pytest.fixture(scope="module")
+def straight(tiny_run):
+    """The uninterrupted run, in its own process: tmp/a (and whether it left the SFT checkpoint as it was)."""
     tmp, run = tiny_run
     init_weights = (tmp / "sft" / "model.pt").read_bytes()
-    for out in ("a", "b"):
-        r = run(out)
-        assert r.returncode == 0, r.stderr
-    assert (tmp / "sft" / "model.pt").read_bytes() == init_weights  # the reference's checkpoint is untouched
+    r = run("a")
+    assert r.returncode == 0, r.stderr
+    return tmp / "a", (tmp / "sft" / "model.pt").read_bytes() == init_weights
+
+
+def test_end_to_end_reference_frozen_and_deterministic(tiny_run, straight):
+    tmp, run = tiny_run
+    _, sft_untouched = straight
+    r = run("b")
+    assert r.returncode == 0, r.stderr
+    assert sft_untouched  # the reference's checkpoint is untouched
     meta = json.loads((tmp / "a" / "meta.json").read_text())
     assert meta["stage"] == "dpo" and meta["step"] == 4
     rows = common.read_metrics(tmp / "a" / "metrics.jsonl")
@@ -222,8 +232,7 @@ def test_end_to_end_reference_frozen_and_deterministic(tiny_run):
     for key in ("val/loss", "val/accuracy", "eval/gold_reward", "eval/kl_to_sft"):
         assert key in rows[2] and key in rows[0]
     assert rows[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: pi = pi_ref
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rs]  # noqa: E731
-    assert strip(rows) == strip(common.read_metrics(tmp / "b" / "metrics.jsonl"))
+    assert metrics_without_time(tmp / "a" / "metrics.jsonl") == metrics_without_time(tmp / "b" / "metrics.jsonl")
 
     # The stored reference log-probs are the SFT model's, recomputed here with a plain float64 loop,
     # and not the trained policy's.
@@ -248,15 +257,13 @@ def test_end_to_end_reference_frozen_and_deterministic(tiny_run):
     assert max(nearest(x, dpo_values) for x in ref_chosen.tolist()) > 1e-2  # the policy moved, the reference did not
 
 
-def test_killed_at_a_checkpoint_resumes_to_the_same_run(tiny_run, kill_resume, same_run):
+def test_killed_at_a_checkpoint_resumes_to_the_same_run(tiny_run, straight, kill_resume, same_run):
     tmp, run = tiny_run
-    if not (tmp / "a" / "metrics.jsonl").exists():
-        assert run("a").returncode == 0  # the uninterrupted run, in its own process
     # SIGKILL right after step 2's checkpoint: the stored reference log-probs come back with it
     killed, resumed = kill_resume(run.argv("killed"), kill_at=2)
     assert "step 2/4" in killed.stdout and "reference log-probs" in killed.stdout
     assert "resumed from" in resumed.stdout and "reference log-probs" not in resumed.stdout
-    same_run(tmp / "a", tmp / "killed", steps=range(0, 5))  # step 0 (the SFT model) logged once too
+    same_run(straight[0], tmp / "killed", steps=range(0, 5))  # step 0 (the SFT model) logged once too
 
 
 def test_bad_preference_file_stops_with_file_and_line(tiny_run):

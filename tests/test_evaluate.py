@@ -64,23 +64,26 @@ def stages(tmp_path_factory):
     return d, enc
 
 
-def test_sequence_logprobs_sum_the_response_tokens_at_the_temperature(stages):
+def test_sequence_kl_sums_the_response_tokens_log_ratio_at_the_temperature(stages):
     d, enc = stages
-    model, _, _ = common.load_policy(d / "sft", "cpu")
+    model, _, _ = common.load_policy(d / "ppo", "cpu")
+    ref, _, _ = common.load_policy(d / "sft", "cpu")
     prompts = ["Hello!", "What is 3 plus 4?", "Where does the bob live?"]
     responses = [{"ids": [5, 6, 7]}, {"ids": [8]}, {"ids": [9, 10, 11, 12, 13]}]  # different lengths: padding
     T = 0.7
-    got = common.sequence_logprobs(model, enc, prompts, responses, "cpu", temperature=T, batch_size=2)
+    got = evaluate.sequence_kl(model, ref, enc, prompts, responses, "cpu", temperature=T, batch_size=2)
+
+    def logprob(m, ids, n):  # log pi(y | x) of the last n tokens, the sequence alone (no padding), float64
+        logp = torch.log_softmax(m(torch.tensor([ids]))[0].double() / T, -1)
+        return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids = encode_prompt(enc, p) + r["ids"]
-        seq = torch.tensor([ids])
-        logits = model(seq)[0].double() / T  # alone, no padding
-        logp = torch.log_softmax(logits, -1)
-        expected = sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - len(r["ids"]), len(ids)))
-        assert got[i].item() == pytest.approx(expected, abs=1e-4)
+        expected = logprob(model, ids, len(r["ids"])) - logprob(ref, ids, len(r["ids"]))
+        assert abs(expected) > 0.1 and got[i].item() == pytest.approx(expected, abs=1e-4)
     # and the proxy score is the reward model read at the last token of prompt + response
     rm, _, _ = common.load_scalar_model(d / "reward", "cpu")
-    scores = common.proxy_scores(rm, enc, prompts, responses, "cpu", batch_size=2)
+    scores = evaluate.proxy_scores(rm, enc, prompts, responses, "cpu", batch_size=2)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([encode_prompt(enc, p) + r["ids"]])
         assert scores[i].item() == pytest.approx(rm(seq, torch.ones_like(seq))[0, -1].item(), abs=1e-5)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from conftest import metrics_without_time  # noqa: E402
 from feedback import agreement_with_gold, make_pairs, preference, simulated_labeler  # noqa: E402
 from world import World, write_data  # noqa: E402
 
@@ -209,12 +210,12 @@ def test_killed_while_sampling_and_while_labelling_resumes_to_the_same_labels(ti
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
     argv = list(map(str, sample_args(tmp, "k") + ["--save-every", 20]))
-    # 1. SIGKILL after sampling batch 2 of 3 (RLHF_KILL_AT_STEP, common.end_step's test hook)
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, "RLHF_KILL_AT_STEP": "2"}, capture_output=True,
+    # 1. SIGKILL after sampling batch 2 of 3 (RLHF_TEST_FAULT, the test switch in common.steps)
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**ENV, "RLHF_TEST_FAULT": "SIGKILL@step=2"}, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == -9 and "step 2/3" in r.stdout and not (tmp / "k" / "pairs.jsonl").exists(), r.stderr
     # 2. resumed: batch 3 is sampled with the generator where it was; SIGKILL after 50 labels (saved every 20)
-    r = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, env={**ENV, "RLHF_KILL_AT_LABEL": "50"},
+    r = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, env={**ENV, "RLHF_TEST_FAULT": "SIGKILL@label=50"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -9 and "resumed sampling" in r.stdout and "at step 2 of 3" in r.stdout, r.stderr
     assert len(common.read_jsonl(tmp / "k" / "preferences.jsonl")) == 40
@@ -225,7 +226,6 @@ def test_killed_while_sampling_and_while_labelling_resumes_to_the_same_labels(ti
         assert (tmp / "k" / name).read_text() == (tmp / "a" / name).read_text(), name
     meta_a, meta_k = (json.loads((tmp / d / "meta.json").read_text()) for d in ("a", "k"))
     assert meta_k["final"] == meta_a["final"] and meta_k["counts"] == meta_a["counts"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]  # noqa: E731
-    rows = strip(common.read_metrics(tmp / "k" / "metrics.jsonl"))
-    assert rows == strip(common.read_metrics(tmp / "a" / "metrics.jsonl")) and [r["step"] for r in rows] == [1, 2, 3]
+    rows = metrics_without_time(tmp / "k" / "metrics.jsonl")
+    assert rows == metrics_without_time(tmp / "a" / "metrics.jsonl") and [r["step"] for r in rows] == [1, 2, 3]
     assert not (tmp / "k" / "samples.pt").exists()

@@ -63,7 +63,11 @@ def test_sweep_writes_curves_figures_and_samples(stages, prefs):
         assert points[0]["kl"] == pytest.approx(0.0, abs=1e-4) and points[0]["proxy"] is not None
     assert [p["n"] for p in results["best_of_n"]] == [1, 2, 4]
     assert results["best_of_n"][0]["kl"] == 0.0
-    assert results["weakest_kl_coef"] == 0.0 and "hacked" in results["verdict"]
+    # the verdict is the one of the weakest leash's own curve, and the printed line says the same
+    assert results["weakest_kl_coef"] == 0.0
+    assert results["verdict"] == overoptimisation(results["ppo"]["kl_coef 0"])
+    assert ("reward hacking: YES" in result.stdout) == results["verdict"]["hacked"]
+    assert ("reward hacking: not shown" in result.stdout) == (not results["verdict"]["hacked"])
     assert (out / "hacking.png").stat().st_size > 10_000 and (out / "frontier.png").stat().st_size > 10_000
     assert (out / "samples.md").read_text().count("- SFT:") == 2
     assert "reward hacking:" in result.stdout

@@ -1,12 +1,19 @@
-"""Kernels against the PyTorch reference and an independent float64 computation, forward and backward.
+"""Kernels against the stages' own plain PyTorch and an independent float64 computation, forward
+and backward; and that plain PyTorch itself against float64 formulas written from the math.
+
+    kernels.token_logprobs   vs  sampling.token_logprobs
+    kernels.kl_divergence    vs  ppo.kl_per_token(..., "full")
+    kernels.ppo_policy_loss  vs  ppo.policy_loss
 
 On a CPU the Triton kernels run through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 when there is no CUDA); on a GPU the same tests run natively on "cuda".
 The interpreter checks arithmetic and indexing only (no races, no speed): shapes stay small and
 blocks large so the whole file runs in well under a minute on two CPU cores.
 
-Accuracy criterion (from KERNELS-NOTES.md): |ours - ref64| <= |torch_same_dtype - ref64| + tol,
-where torch_same_dtype is the reference run on the same (e.g. bf16) input.
+Accuracy criterion for a kernel (from KERNELS-NOTES.md): |ours - ref64| <= |torch_same_dtype - ref64|
++ tol, where torch_same_dtype is the stage's plain PyTorch on the same (e.g. bf16) input. That bound
+grows with the plain PyTorch's own error, so the plain PyTorch is also checked against float64
+with a fixed tolerance (test_plain_ppo_policy_loss_is_the_formula).
 """
 
 import os
@@ -17,7 +24,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+import ppo
+import sampling
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))]
@@ -33,13 +41,19 @@ def triton_or_skip(device):
 
 
 @pytest.fixture(autouse=True)
-def restore_backend():
+def plain_pytorch_in_the_stages():
+    """The stage functions run their plain PyTorch (even on CUDA tensors); the kernels are called directly."""
+    kernels.set_backend("torch")
     yield
     kernels.set_backend("auto")
 
 
+def kl_plain(logits, ref_logits, temperature):
+    return ppo.kl_per_token(None, None, "full", logits, ref_logits, temperature)
+
+
 # --------------------------------------------------------------------------------------------
-# float64 computations, written independently of kernels/reference.py
+# float64 computations, written from the math, independently of the stages' code
 # --------------------------------------------------------------------------------------------
 
 def logprobs64(logits, targets, temperature):
@@ -57,7 +71,8 @@ def kl64(logits, ref_logits, temperature):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def ppo64(logits, actions, old, adv, mask, clip_coef, temperature, ref, kl_coef, est, ent_coef):
+def ppo64(logits, actions, old, adv, mask, clip_coef, temperature, ref, kl_coef, ent_coef):
+    """PPO's clipped surrogate - ent_coef * entropy + kl_coef * k3 KL to the reference, masked mean."""
     logp, entropy = logprobs64(logits, actions, temperature)
     m = mask.double()
     ratio = torch.exp(logp - old.double())
@@ -65,8 +80,8 @@ def ppo64(logits, actions, old, adv, mask, clip_coef, temperature, ref, kl_coef,
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_coef, 1 + clip_coef))
     kl = torch.zeros_like(logp)
     if ref is not None:
-        r = ref.double() - logp
-        kl = -r if est == "k1" else r.exp() - r - 1
+        r = ref.double() - logp  # log(pi_ref / pi): k3 = pi_ref/pi - 1 - log(pi_ref/pi)
+        kl = r.exp() - r - 1
     n = m.sum().clamp(min=1)
     loss = ((pg + kl_coef * kl - ent_coef * entropy) * m).sum() / n
     clipped = ((ratio - 1).abs() > clip_coef) & (-a * ratio.clamp(1 - clip_coef, 1 + clip_coef) > -a * ratio)
@@ -129,10 +144,10 @@ def test_token_logprobs(case, dtype, device):
     targets = targets.to(device)
     targets.view(-1)[0] = V - 1    # the last column (in the last, partial block)
 
-    logp, entropy = kernels.token_logprobs(logits, targets, temperature, backend="triton")
+    logp, entropy = kernels.token_logprobs(logits, targets, temperature)
     assert logp.dtype == entropy.dtype == torch.float32
     assert logp.shape == entropy.shape == logits.shape[:-1]
-    logp_ref, entropy_ref = reference.token_logprobs(logits, targets, temperature)
+    logp_ref, entropy_ref = sampling.token_logprobs(logits, targets, temperature)
     logits64 = logits.detach().double().requires_grad_()
     logp64, entropy64 = logprobs64(logits64, targets, temperature)
 
@@ -159,8 +174,8 @@ def test_token_logprobs_fp16_and_one_output(device):
     triton_or_skip(device)
     logits = make_logits((3, 2, 300), torch.float16, device, 2.0).requires_grad_()
     targets = torch.randint(0, 300, (3, 2)).to(device)
-    logp, _ = kernels.token_logprobs(logits, targets, 1.3, backend="triton")
-    logp_ref, _ = reference.token_logprobs(logits, targets, 1.3)
+    logp, _ = kernels.token_logprobs(logits, targets, 1.3)
+    logp_ref, _ = sampling.token_logprobs(logits, targets, 1.3)
     logits64 = logits.detach().double().requires_grad_()
     logp64, _ = logprobs64(logits64, targets, 1.3)
     check(logp, logp_ref, logp64, 2e-6, 1e-6, "logp")
@@ -185,9 +200,9 @@ def test_kl_divergence(case, dtype, device):
     noise = make_logits(shape, torch.float32, device, 0.5 * scale, seed=3, sliced=sliced)
     ref_logits = (logits.detach().float() + noise).to(dtype)
 
-    kl = kernels.kl_divergence(logits, ref_logits, temperature, backend="triton")
+    kl = kernels.kl_divergence(logits, ref_logits, temperature)
     assert kl.dtype == torch.float32 and kl.shape == logits.shape[:-1]
-    kl_ref = reference.kl_divergence(logits, ref_logits, temperature)
+    kl_ref = kl_plain(logits, ref_logits, temperature)
     logits64 = logits.detach().double().requires_grad_()
     kl_64 = kl64(logits64, ref_logits, temperature)
     atol = 2e-6 * max(1.0, scale / temperature)
@@ -207,7 +222,7 @@ def test_kl_identical_is_zero_and_ref_gets_no_grad(device):
     triton_or_skip(device)
     logits = make_logits((3, 500), torch.float32, device, 5.0).requires_grad_()
     ref_logits = logits.detach().clone().requires_grad_()
-    kl = kernels.kl_divergence(logits, ref_logits, 0.7, backend="triton")
+    kl = kernels.kl_divergence(logits, ref_logits, 0.7)
     assert kl.abs().max() < 1e-6
     grads = torch.autograd.grad(kl.sum(), (logits, ref_logits), allow_unused=True)
     assert grads[0].abs().max() < 1e-6
@@ -218,14 +233,14 @@ def test_kl_identical_is_zero_and_ref_gets_no_grad(device):
 # ppo_policy_loss
 # --------------------------------------------------------------------------------------------
 
-# name: (shape [B, T, V], dtype, temperature, scale, sliced, kl_estimator, use ref, kl_coef,
+# name: (shape [B, T, V], dtype, temperature, scale, sliced, use ref (the k3 KL term), kl_coef,
 #        ent_coef, float mask)
 PPO_CASES = {
-    "fp32_k3_ent": ((3, 5, 1000), torch.float32, 1.0, 1.0, False, "k3", True, 0.1, 0.01, False),
-    "bf16_k1_T07": ((3, 5, 1000), torch.bfloat16, 0.7, 1.0, False, "k1", True, 0.2, 0.0, True),
-    "fp32_x30_noref": ((2, 4, 1000), torch.float32, 0.7, 30.0, False, "k3", False, 0.0, 0.02, False),
-    "bf16_V50257": ((1, 3, 50257), torch.bfloat16, 1.0, 1.0, False, "k3", True, 0.05, 0.01, False),
-    "sliced_k1": ((2, 4, 777), torch.float32, 0.7, 3.0, True, "k1", True, 0.1, 0.05, False),
+    "fp32_kl_ent": ((3, 5, 1000), torch.float32, 1.0, 1.0, False, True, 0.1, 0.01, False),
+    "bf16_kl_T07": ((3, 5, 1000), torch.bfloat16, 0.7, 1.0, False, True, 0.2, 0.0, True),
+    "fp32_x30_noref": ((2, 4, 1000), torch.float32, 0.7, 30.0, False, False, 0.0, 0.02, False),
+    "bf16_V50257": ((1, 3, 50257), torch.bfloat16, 1.0, 1.0, False, True, 0.05, 0.01, False),
+    "sliced_kl_ent": ((2, 4, 777), torch.float32, 0.7, 3.0, True, True, 0.1, 0.05, False),
 }
 
 
@@ -235,7 +250,7 @@ def ppo_inputs(shape, dtype, device, temperature, scale, sliced, float_mask):
     g = torch.Generator().manual_seed(5)
     actions = torch.randint(0, V, (B, T), generator=g).to(device)
     with torch.no_grad():
-        logp, _ = reference.token_logprobs(logits, actions, temperature)
+        logp, _ = sampling.token_logprobs(logits, actions, temperature)
     # old / ref log-probs near the current ones: ratios around 1, some beyond the clip range
     old = logp + 0.3 * torch.randn(B, T, generator=g).to(device)
     ref = logp + 0.3 * torch.randn(B, T, generator=g).to(device)
@@ -253,16 +268,16 @@ def ppo_inputs(shape, dtype, device, temperature, scale, sliced, float_mask):
 @pytest.mark.parametrize("case", list(PPO_CASES))
 def test_ppo_policy_loss(case, device):
     triton_or_skip(device)
-    shape, dtype, temperature, scale, sliced, est, use_ref, kl_coef, ent_coef, fmask = PPO_CASES[case]
+    shape, dtype, temperature, scale, sliced, use_ref, kl_coef, ent_coef, fmask = PPO_CASES[case]
     logits, actions, old, ref, adv, mask = ppo_inputs(shape, dtype, device, temperature, scale,
                                                       sliced, fmask)
     kw = dict(clip_coef=0.2, temperature=temperature, ref_logprobs=ref if use_ref else None,
-              kl_coef=kl_coef, kl_estimator=est, ent_coef=ent_coef)
-    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, backend="triton", **kw)
-    loss_ref, stats_ref = reference.ppo_policy_loss(logits, actions, old, adv, mask, **kw)
+              kl_coef=kl_coef, ent_coef=ent_coef)
+    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, **kw)
+    loss_ref, stats_ref = ppo.policy_loss(logits, actions, old, adv, mask, **kw)
     logits64 = logits.detach().double().requires_grad_()
     loss64, stats64 = ppo64(logits64, actions, old, adv, mask, 0.2, temperature,
-                            ref if use_ref else None, kl_coef, est, ent_coef)
+                            ref if use_ref else None, kl_coef, ent_coef)
 
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device == logits.device
     assert set(stats) == {"clipfrac", "approx_kl", "entropy", "ratio_mean", "pg_loss", "kl"}
@@ -286,6 +301,45 @@ def test_ppo_policy_loss(case, device):
         assert (grad[~mask] == 0).all(), "masked tokens must get exactly zero gradient"
 
 
+@pytest.mark.parametrize("case", ["fp32_kl_ent", "fp32_x30_noref", "sliced_kl_ent"])
+def test_plain_ppo_policy_loss_is_the_formula(case):
+    """ppo.policy_loss (what the CPU runs, and what the kernel is checked against) against the float64
+    formula with a fixed tolerance, loss, statistics and gradient: a sign error in its entropy bonus
+    or its KL term is 0.01-0.1 off here, not within a bound that grows with its own error."""
+    shape, dtype, temperature, scale, sliced, use_ref, kl_coef, ent_coef, fmask = PPO_CASES[case]
+    logits, actions, old, ref, adv, mask = ppo_inputs(shape, dtype, "cpu", temperature, scale, sliced, fmask)
+    ref = ref if use_ref else None
+    loss, stats = ppo.policy_loss(logits, actions, old, adv, mask, 0.2, temperature, ref, kl_coef, ent_coef)
+    logits64 = logits.detach().double().requires_grad_()
+    loss64, stats64 = ppo64(logits64, actions, old, adv, mask, 0.2, temperature, ref, kl_coef, ent_coef)
+    tol = 1e-6 * max(1.0, scale / temperature)
+    assert loss.item() == pytest.approx(loss64.item(), rel=1e-5, abs=tol)
+    for name in stats64:
+        assert stats[name].item() == pytest.approx(stats64[name].item(), rel=1e-5, abs=tol), name
+    (grad,) = torch.autograd.grad(loss, logits)
+    (grad64,) = torch.autograd.grad(loss64, logits64)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "kl_divergence"])
+def test_plain_logprobs_and_kl_are_the_formula(op):
+    """sampling.token_logprobs and ppo.kl_per_token(..., "full") against float64, fixed tolerance."""
+    logits = make_logits((2, 4, 777), torch.float32, "cpu", 3.0, sliced=True).requires_grad_()
+    logits64 = logits.detach().double().requires_grad_()
+    if op == "token_logprobs":
+        targets = torch.randint(0, 777, (2, 4), generator=torch.Generator().manual_seed(1))
+        outs, outs64 = sampling.token_logprobs(logits, targets, 0.7), logprobs64(logits64, targets, 0.7)
+    else:
+        ref_logits = logits.detach() + make_logits((2, 4, 777), torch.float32, "cpu", 1.5, seed=3)
+        outs, outs64 = (kl_plain(logits, ref_logits, 0.7),), (kl64(logits64, ref_logits, 0.7),)
+    g = [torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(2 + i)) for i in range(len(outs))]
+    for out, out64 in zip(outs, outs64):
+        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(outs, logits, g)
+    (grad64,) = torch.autograd.grad(outs64, logits64, [x.double() for x in g])
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ppo_all_zero_mask(backend, device):
@@ -294,8 +348,8 @@ def test_ppo_all_zero_mask(backend, device):
     logits, actions, old, ref, adv, _ = ppo_inputs((2, 3, 300), torch.float32, device, 1.0, 1.0,
                                                    False, False)
     mask = torch.zeros(2, 3, dtype=torch.bool, device=device)
-    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, ref_logprobs=ref,
-                                          kl_coef=0.1, ent_coef=0.01, backend=backend)
+    loss_fn = kernels.ppo_policy_loss if backend == "triton" else ppo.policy_loss
+    loss, stats = loss_fn(logits, actions, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, ent_coef=0.01)
     (grad,) = torch.autograd.grad(loss, logits)
     assert loss.item() == 0.0
     assert (grad == 0).all()
@@ -314,9 +368,8 @@ def test_ppo_first_step_ratio_is_one(device):
     triton_or_skip(device)
     logits, actions, _, _, adv, mask = ppo_inputs((2, 3, 300), torch.bfloat16, device, 0.7, 1.0,
                                                   False, False)
-    old, _ = kernels.token_logprobs(logits.detach(), actions, 0.7, backend="triton")
-    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, temperature=0.7,
-                                          backend="triton")
+    old, _ = kernels.token_logprobs(logits.detach(), actions, 0.7)
+    loss, stats = kernels.ppo_policy_loss(logits, actions, old, adv, mask, temperature=0.7)
     ulps = 0 if device == "cpu" else 4 * 2.0**-23
     assert abs(stats["ratio_mean"].item() - 1.0) <= ulps
     assert stats["clipfrac"].item() == 0.0
@@ -332,115 +385,108 @@ def test_int64_row_offsets_cuda():
     N, V = 16800, 128256                                   # N * V = 2.15e9 > 2^31
     logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, V, (N,), device="cuda")
-    logp, entropy = kernels.token_logprobs(logits, targets, backend="triton")
+    logp, entropy = kernels.token_logprobs(logits, targets)
     tail = slice(N - 8, N)
-    logp_ref, entropy_ref = reference.token_logprobs(logits[tail], targets[tail])
+    logp_ref, entropy_ref = sampling.token_logprobs(logits[tail], targets[tail])
     torch.testing.assert_close(logp[tail], logp_ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(entropy[tail], entropy_ref, atol=1e-4, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
-# dispatch
+# dispatch: a stage runs the kernel on CUDA tensors (auto) or when asked (--kernels triton), its
+# plain PyTorch otherwise
 # --------------------------------------------------------------------------------------------
 
-ALL_OPS = {"token_logprobs", "kl_divergence", "ppo_policy_loss"}
+ALL_OPS = ["kl_divergence", "ppo_policy_loss", "token_logprobs"]
 
 
-def _spy_on_reference(monkeypatch):
+def _spy_on_kernels(monkeypatch):
     calls = []
-    for name in ("token_logprobs", "kl_divergence", "ppo_policy_loss"):
-        fn = getattr(reference, name)
+    for name in ALL_OPS:
+        fn = getattr(kernels, name)
 
         def spy(*args, _fn=fn, _name=name, **kwargs):
             calls.append(_name)
             return _fn(*args, **kwargs)
-        monkeypatch.setattr(reference, name, spy)
+        monkeypatch.setattr(kernels, name, spy)
     return calls
 
 
-def _call_all(backend=None, V=64):
-    logits = torch.randn(2, 3, V)
-    actions = torch.randint(0, V, (2, 3))
-    zeros = torch.zeros(2, 3)
-    kernels.token_logprobs(logits, actions, backend=backend)
-    kernels.kl_divergence(logits, logits + 1, backend=backend)
-    kernels.ppo_policy_loss(logits, actions, zeros, zeros, zeros > -1, backend=backend)
+def _call_the_stage_functions(device="cpu", V=64):
+    logits = torch.randn(2, 3, V, device=device)
+    actions = torch.randint(0, V, (2, 3), device=device)
+    zeros = torch.zeros(2, 3, device=device)
+    sampling.token_logprobs(logits, actions)
+    kl_plain(logits, logits + 1, 1.0)
+    ppo.policy_loss(logits, actions, zeros, zeros, zeros > -1)
 
 
-@pytest.mark.parametrize("backend", [None, "auto", "torch"])
-def test_dispatch_cpu_uses_reference(backend, monkeypatch):
-    calls = _spy_on_reference(monkeypatch)
-    _call_all(backend)
-    assert set(calls) == ALL_OPS
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_the_stages_run_their_plain_pytorch_on_cpu_tensors(backend, monkeypatch):
+    kernels.set_backend(backend)
+    calls = _spy_on_kernels(monkeypatch)
+    _call_the_stage_functions()
+    assert calls == []
 
 
-def test_dispatch_set_backend(monkeypatch):
+def test_set_backend_triton_runs_the_kernels_on_cpu_tensors_too(monkeypatch):
     triton_or_skip("cpu")
-    calls = _spy_on_reference(monkeypatch)
+    calls = _spy_on_kernels(monkeypatch)
     kernels.set_backend("triton")
     assert kernels.get_backend() == "triton"
-    _call_all()
-    assert calls == [], "set_backend('triton') must run the kernels on CPU tensors too"
-    kernels.set_backend("torch")
-    _call_all()
-    assert set(calls) == ALL_OPS
-    calls.clear()
-    _call_all(backend="triton")    # the argument wins over the global
-    assert calls == []
+    _call_the_stage_functions()
+    assert sorted(calls) == ALL_OPS
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 def test_dispatch_cuda(monkeypatch):
-    calls = _spy_on_reference(monkeypatch)
-    x = torch.randn(2, 64, device="cuda")
-    t = torch.randint(0, 64, (2,), device="cuda")
-    kernels.token_logprobs(x, t)
-    assert calls == []                    # auto on CUDA: Triton
+    calls = _spy_on_kernels(monkeypatch)
+    kernels.set_backend("auto")
+    _call_the_stage_functions("cuda")
+    assert sorted(calls) == ALL_OPS       # auto on CUDA: Triton
+    calls.clear()
     kernels.set_backend("torch")
-    kernels.token_logprobs(x, t)
-    assert calls == ["token_logprobs"]    # --kernels torch is respected on CUDA
+    _call_the_stage_functions("cuda")
+    assert calls == []                    # --kernels torch is respected on CUDA
 
 
 def test_dispatch_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown kernels backend"):
         kernels.set_backend("cuda")
-    with pytest.raises(ValueError, match="unknown kernels backend"):
-        kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="fast")
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="not installed"):
-        kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
+        kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
 
 
 def test_input_checks():
     triton_or_skip("cpu")
     x = torch.randn(2, 3, 10)
     with pytest.raises(ValueError, match="targets must have shape"):
-        kernels.token_logprobs(x, torch.zeros(2, dtype=torch.long), backend="triton")
+        kernels.token_logprobs(x, torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
-        kernels.token_logprobs(x, torch.zeros(2, 3), backend="triton")
+        kernels.token_logprobs(x, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="temperature"):
-        kernels.token_logprobs(x, torch.zeros(2, 3, dtype=torch.long), 0.0, backend="triton")
+        kernels.token_logprobs(x, torch.zeros(2, 3, dtype=torch.long), 0.0)
     with pytest.raises(ValueError, match="ref_logits must have the shape"):
-        kernels.kl_divergence(x, x[..., :5], backend="triton")
-    with pytest.raises(ValueError, match="kl_estimator"):
+        kernels.kl_divergence(x, x[..., :5])
+    with pytest.raises(ValueError, match="ref_logprobs must have shape"):
         kernels.ppo_policy_loss(x, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3),
-                                torch.zeros(2, 3), torch.ones(2, 3), kl_estimator="k2",
-                                backend="triton")
+                                torch.zeros(2, 3), torch.ones(2, 3), ref_logprobs=torch.zeros(3, 2))
 
 
 def test_import_without_triton():
-    """`import kernels` must not import triton, and must work where triton is missing."""
+    """`import kernels` (and the stages) must not import triton, and must work where triton is missing."""
     code = "\n".join([
         "import sys, torch",
-        "import kernels",
-        "assert 'triton' not in sys.modules, 'import kernels imported triton'",
+        "import kernels, ppo, sampling",
+        "assert 'triton' not in sys.modules, 'importing the stages imported triton'",
         "sys.modules['triton'] = None   # from here on, triton cannot be imported",
         "x = torch.randn(2, 3, 10); t = torch.randint(0, 10, (2, 3))",
-        "logp, H = kernels.token_logprobs(x, t)",
+        "logp, H = sampling.token_logprobs(x, t)",
         "assert logp.shape == (2, 3)",
         "try:",
-        "    kernels.token_logprobs(x, t, backend='triton')",
-        "    raise SystemExit('no error for backend=triton without triton')",
+        "    kernels.token_logprobs(x, t)",
+        "    raise SystemExit('no error for the Triton kernels without triton')",
         "except RuntimeError as e:",
         "    assert 'not installed' in str(e)",
         "print('ok')",

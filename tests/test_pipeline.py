@@ -20,7 +20,7 @@ def run_pipeline(out, *extra, env=None):
 def test_ctrl_c_in_a_stage_stops_the_job_and_resume_finishes_it(tmp_path):
     out = tmp_path / "run"
     # the stage's own Ctrl-C path (a test hook sends SIGINT at the end of step 12 of pretraining's 30)
-    first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_KILL_AT_STEP": "12:SIGINT"})
+    first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_TEST_FAULT": "SIGINT@step=12"})
     assert first.returncode == 130, first.stdout[-2000:] + first.stderr[-2000:]
     assert "interrupted in stage 'pretrain'" in first.stderr
     assert "python pipeline.py --from pretrain --quick --resume" in first.stderr

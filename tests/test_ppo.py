@@ -4,6 +4,7 @@ learning check on a known rule, and short end-to-end runs (kernels torch vs trit
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import ppo  # noqa: E402
+from conftest import metrics_without_time  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel, left_pad  # noqa: E402
+from sampling import response_logprobs  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and the CI machine may be shared
 END, PAD, V = 62, 63, 64
@@ -184,6 +187,61 @@ def test_score_logprobs_and_penalty_sit_on_the_real_tokens_whatever_the_padding(
         assert batch["rewards"][b, n:].abs().sum() == 0 and batch["advantages"][b, n:].abs().sum() == 0
 
 
+def test_rollout_advantages_are_its_own_gae_whitened_over_the_real_tokens():
+    """Not over the padding too: the advantages of the real tokens have mean 0 and variance 1, and are
+    the GAE (by its definition, a float64 loop) of the rollout's own rewards and values, whitened."""
+    policy, ref, value, rm = tiny_models()
+    ref.transformer.h[0].mlp.c_fc.weight.data.mul_(3)  # a reference that differs: a KL reward on every token
+    responses = torch.tensor([[20, 21, END, PAD, PAD, PAD], [22, END, PAD, PAD, PAD, PAD],
+                              [23, 24, 25, 26, END, PAD], [27, 28, 29, 30, 31, 32], [33, END, PAD, PAD, PAD, PAD]])
+    policy.generate = lambda *a, **k: responses.clone()  # a fixed "sample", a third of it padding
+    gamma, lam = 0.9, 0.8
+    args = make_args("--gamma", str(gamma), "--lam", str(lam))
+    q, m = left_pad([[3, 4], [5, 6, 7, 8, 9], [10], [11, 12, 13], [14, 15]], PAD)
+    batch = ppo.rollout(policy, ref, value, rm, q, m, args, 0.1, END, PAD)
+    mask = batch["mask"].bool()
+    assert mask.sum(1).tolist() == [3, 2, 5, 6, 2]
+    adv = batch["advantages"].double()
+    assert adv[~mask].abs().sum() == 0
+    assert adv[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert adv[mask].var().item() == pytest.approx(1.0, abs=1e-5)  # unbiased, over the 18 real tokens only
+    gae = []
+    for b, n in enumerate(mask.sum(1).tolist()):
+        r, v = batch["rewards"][b, :n].double().tolist(), batch["values"][b, :n].double().tolist()
+        for t in range(n):  # A_t = sum_k (gamma lam)^k delta_{t+k}, V = 0 after the last real token
+            gae.append(sum((gamma * lam) ** (k - t) * (r[k] + gamma * (v[k + 1] if k + 1 < n else 0.0) - v[k])
+                           for k in range(t, n)))
+    gae = torch.tensor(gae, dtype=torch.float64)
+    assert adv[mask].tolist() == pytest.approx(((gae - gae.mean()) / gae.std()).tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.1])
+def test_an_entropy_bonus_raises_the_entropy(ent_coef):
+    """With every advantage 0 the clipped surrogate gives no gradient at all: PPO updates with ent_coef
+    > 0 must raise the policy's entropy on the rollout's tokens (a sign error lowers it), and with
+    ent_coef = 0 leave the policy exactly as it was."""
+    policy, ref, value, rm = tiny_models()
+    policy.transformer.ln_f.weight.data.fill_(3.0)  # peaked (entropy well below log V): room to rise
+    args = make_args("--ent-coef", str(ent_coef), "--ppo-epochs", "4", "--vf-coef", "0")
+    q, m = random_prompts(8, torch.Generator().manual_seed(1))
+    batch = ppo.rollout(policy, ref, value, rm, q, m, args, 0.0, END, PAD, torch.Generator().manual_seed(2))
+    batch["advantages"].zero_()
+
+    def entropy():
+        with torch.no_grad():
+            _, h, _ = response_logprobs(policy, batch["query_responses"], batch["attention_mask"],
+                                        batch["context_length"], args.temperature)
+        return ppo.masked_mean(h, batch["mask"]).item()
+
+    before = entropy()
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-2, weight_decay=0.0)
+    ppo.ppo_update(policy, value, opt, batch, args, torch.Generator().manual_seed(3))
+    if ent_coef > 0:
+        assert entropy() > before + 0.05, (before, entropy())
+    else:
+        assert entropy() == before
+
+
 def test_sampling_and_scoring_use_the_same_temperature():
     policy, ref, value, rm = tiny_models()
     policy.transformer.ln_f.weight.data.fill_(3.0)  # top token: p 0.11 at T = 1, 0.49 at T = 0.5
@@ -270,17 +328,29 @@ def run_ppo(d, out, *extra, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
-def metrics_without_time(path):
-    return [{k: v for k, v in row.items() if k != "time/elapsed_s"} for row in common.read_metrics(path)]
-
-
 @pytest.fixture(scope="module")
 def straight(stages):
-    """Four steps in one go, with the reference (torch) kernels and the exact-KL estimator."""
+    """Four steps in one go, in plain PyTorch (--kernels torch) with the exact-KL estimator: (its stdout,
+    the rows of its metrics.jsonl)."""
     result = run_ppo(stages, stages / "straight", "--steps", "4", "--kernels", "torch", "--kl-estimator", "full")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 4/4" in result.stdout and "score" in result.stdout
-    return metrics_without_time(stages / "straight" / "metrics.jsonl")
+    return result.stdout, metrics_without_time(stages / "straight" / "metrics.jsonl")
+
+
+def test_a_run_logs_the_sft_model_at_step_0_then_every_step_and_prints_what_it_logs(stages, straight):
+    stdout, rows = straight
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # step 0: the SFT model's eval/* before any update
+    assert rows[0]["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "objective/kl" not in rows[0]
+    assert "eval/gold_reward" in rows[2] and "eval/proxy_score" in rows[2] and "objective/kl" in rows[1]
+    # the line printed at each step shows the numbers metrics.jsonl holds
+    printed = dict(re.findall(r"^step (\d+)/4 \| (.*)$", stdout, re.M))
+    assert sorted(printed) == ["0", "1", "2", "3", "4"]
+    for row in rows[1:]:
+        for key in ("objective/score", "objective/kl", "ppo/clipfrac", "response/length"):
+            assert f"{key} {row[key]:.4g} |" in printed[str(row["step"])], (row["step"], key)
+    meta = json.loads((stages / "straight" / "meta.json").read_text())
+    assert meta["stage"] == "ppo" and meta["step"] == 4
+    assert meta["final"] == {k: v for k, v in rows[-1].items() if k not in ("step", "episodes")}
 
 
 def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
@@ -290,7 +360,7 @@ def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
     assert result.returncode == 0, result.stderr[-3000:]
     triton_rows = metrics_without_time(stages / "triton" / "metrics.jsonl")
     assert len(triton_rows) == 3  # steps 0, 1, 2
-    for a, b in zip(straight[:3], triton_rows):
+    for a, b in zip(straight[1][:3], triton_rows):
         assert a.keys() == b.keys()
         for k in a:
             # a clip fraction counts tokens: float noise may flip one of a minibatch's ~10 (0.025 on average)
@@ -310,15 +380,10 @@ def test_killed_between_checkpoints_resumes_exactly_where_it_stopped(stages, str
     killed, resumed = kill_resume(ppo_argv(stages, stages / "resumed"), kill_at=3)
     assert "step 3/4" in killed.stdout and "step 4/4" not in killed.stdout
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout and "8 episodes done" in resumed.stdout
-    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]  # step 0: the SFT model's eval/* before any update
-    assert straight[0]["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "objective/kl" not in straight[0]
-    assert "eval/gold_reward" in straight[2] and "eval/proxy_score" in straight[2] and "objective/kl" in straight[1]
     same_run(stages / "straight", stages / "resumed", steps=range(0, 5))  # policy, metrics, final: identical
     value_a, value_b = (torch.load(stages / d / "resume.pt", weights_only=False)["value_model"]
                         for d in ("straight", "resumed"))
     assert all(torch.equal(value_a[k], value_b[k]) for k in value_a)  # and the value model too
-    meta = json.loads((stages / "resumed" / "meta.json").read_text())
-    assert meta["stage"] == "ppo" and meta["step"] == 4 and "eval/gold_reward" in meta["final"]
     common.load_policy(stages / "resumed", "cpu", expect_stage="ppo")  # a GPT that the next stage can load
 
 

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from conftest import fault  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
 
 
@@ -131,15 +132,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(bad, stage_he
     tmp, d = bad
     out = d / "nan"
     at_step_2 = {}
-    end_step = common.end_step
+    save_checkpoint = common.save_checkpoint
 
-    def spy(step, total, save, folder, **kw):  # what the folder held right after step 2's checkpoint
-        end_step(step, total, save, folder, **kw)
-        if step == 2:
+    def spy(folder, model, meta, resume_state=None):  # what the folder held right after step 2's checkpoint
+        save_checkpoint(folder, model, meta, resume_state)
+        if meta["step"] == 2:
             at_step_2.update(files(folder))
-    monkeypatch.setattr(common, "end_step", spy)
+    monkeypatch.setattr(common, "save_checkpoint", spy)
     r = stage_here(argv("sft", tmp, d) + ["--out", out, "--steps", 4, "--eval-every", 2],
-                   env={"RLHF_NAN_AT_STEP": 3})  # the test hook in common.guard_finite: step 3's loss is NaN
+                   env=fault("NaN", 3))  # the test switch in common.guard_finite: step 3's loss is NaN
     assert r.returncode == 3
     assert r.stderr.strip().splitlines() == [
         f"error: step 3: the loss is nan; stopped before updating the weights (last good checkpoint in {out}: step 2)"]
@@ -170,7 +171,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(bad, stage_here, same_
     run = lambda out, *extra, env=None: stage_here(  # noqa: E731
         argv("sft", tmp, d) + ["--out", d / out, "--steps", 5, "--eval-every", 2, *extra], env=env)
     assert run("ctrl_c_ref").returncode == 0
-    r = run("ctrl_c", env={"RLHF_KILL_AT_STEP": "3:SIGINT"})  # as if Ctrl-C were pressed during step 3
+    r = run("ctrl_c", env=fault("SIGINT", 3))  # as if Ctrl-C were pressed during step 3
     assert r.returncode == 130
     last = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(rf"interrupted: checkpoint of step 3 saved in {re.escape(str(d / 'ctrl_c'))}; "

@@ -52,9 +52,9 @@ def test_score_pairs_reads_the_last_real_token_whatever_the_padding():
     torch.manual_seed(0)
     model = ScalarModel(GPTConfig(block_size=32, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
     torch.nn.init.normal_(model.head.bias)  # a non-zero bias, like a normalised reward model
-    pairs = [{"chosen": [1, 5, 6, 2, 7, 3], "rejected": [1, 5, 6, 2, 3]},
-             {"chosen": [1, 9, 2, 4, 4, 4, 4, 4, 4, 4, 3], "rejected": [1, 9, 2, 3]},
-             {"chosen": [1, 2, 3], "rejected": [1, 8, 8, 8, 8, 8, 8, 8, 2, 11, 12, 13, 14, 3]}]
+    pairs = [{"prompt": [1, 5, 6, 2], "chosen": [7, 3], "rejected": [3]},  # (tokenize_pairs' layout)
+             {"prompt": [1, 9, 2], "chosen": [4, 4, 4, 4, 4, 4, 4, 3], "rejected": [3]},
+             {"prompt": [1], "chosen": [2, 3], "rejected": [8, 8, 8, 8, 8, 8, 8, 2, 11, 12, 13, 14, 3]}]
 
     def alone(seq):  # reference: the sequence by itself, no padding, value at its last position
         with torch.no_grad():
@@ -64,8 +64,8 @@ def test_score_pairs_reads_the_last_real_token_whatever_the_padding():
     with torch.no_grad():
         for pad_id in (0, 19):  # whatever the pad token is
             r_chosen, r_rejected = score_pairs(model, pairs, pad_id, "cpu")
-            assert r_chosen.tolist() == pytest.approx([alone(p["chosen"]) for p in pairs], abs=1e-5)
-            assert r_rejected.tolist() == pytest.approx([alone(p["rejected"]) for p in pairs], abs=1e-5)
+            assert r_chosen.tolist() == pytest.approx([alone(p["prompt"] + p["chosen"]) for p in pairs], abs=1e-5)
+            assert r_rejected.tolist() == pytest.approx([alone(p["prompt"] + p["rejected"]) for p in pairs], abs=1e-5)
         # and the neighbours in the batch (so the amount of padding) change nothing
         one_c, one_r = score_pairs(model, pairs[:1], 0, "cpu")
         assert one_c.item() == pytest.approx(r_chosen[0].item(), abs=1e-5)
@@ -167,13 +167,16 @@ def reward_args(tmp, out, *extra):
             "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--val-fraction", 0.25, *extra]
 
 
-def strip(rows):
-    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]
-
-
-def test_chain_ends_with_a_normalised_reward_model(chain):
+@pytest.fixture(scope="module")
+def reward_run(chain):
+    """The chain's reward model, trained in its own process: tmp/reward."""
     tmp, run = chain
     run(*reward_args(tmp, "reward"))
+    return tmp / "reward"
+
+
+def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
+    tmp, _ = chain
     for stage in ("pretrain", "sft", "feedback", "reward"):
         assert json.loads((tmp / stage / "meta.json").read_text())["stage"] == stage
     meta = json.loads((tmp / "reward" / "meta.json").read_text())
@@ -198,15 +201,13 @@ def test_chain_ends_with_a_normalised_reward_model(chain):
     assert meta["reward_offset"] != 0  # (the untrained head did not score them 0 by chance)
 
 
-def test_reward_run_killed_at_a_checkpoint_resumes_to_the_same_run(chain, kill_resume, same_run):
-    tmp, run = chain
-    if not (tmp / "reward" / "metrics.jsonl").exists():
-        run(*reward_args(tmp, "reward"))  # the uninterrupted run, in its own process
+def test_reward_run_killed_at_a_checkpoint_resumes_to_the_same_run(chain, reward_run, kill_resume, same_run):
+    tmp, _ = chain
     # SIGKILL right after step 4's checkpoint (--eval-every 2): resumed from step 4, not from 2
     killed, resumed = kill_resume(reward_args(tmp, "r2") + ["--device", "cpu"], kill_at=4)
     assert "step 4/5" in killed.stdout and "step 5/5" not in killed.stdout
     assert f"resumed from {tmp / 'r2'} at step 4" in resumed.stdout
-    same_run(tmp / "reward", tmp / "r2", steps=range(1, 6))
+    same_run(reward_run, tmp / "r2", steps=range(1, 6))
     a, b = (json.loads((tmp / d / "meta.json").read_text()) for d in ("reward", "r2"))
     assert a["reward_offset"] == b["reward_offset"]
 

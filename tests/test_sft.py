@@ -192,14 +192,17 @@ def tiny(tmp_path_factory):
     return tmp, args, run
 
 
-def strip(rows):
-    return [{k: v for k, v in r.items() if k != "time/elapsed_s"} for r in rows]
-
-
-def test_tiny_run_learns_and_reports_the_headroom(tiny):
+@pytest.fixture(scope="module")
+def straight(tiny):
+    """The uninterrupted run, in its own process: tmp/a."""
     tmp, _, run = tiny
     r = run("a")
     assert r.returncode == 0, r.stderr
+    return tmp / "a"
+
+
+def test_tiny_run_learns_and_reports_the_headroom(tiny, straight):
+    tmp, _, _ = tiny
     rows = common.read_metrics(tmp / "a" / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, 7))
     assert rows[-1]["train/loss"] < 0.8 * rows[0]["train/loss"]  # learning, from an untrained model
@@ -217,12 +220,10 @@ def test_tiny_run_learns_and_reports_the_headroom(tiny):
     common.load_policy(tmp / "a", "cpu", expect_stage="sft")  # loadable as the next stage's --init
 
 
-def test_run_killed_between_checkpoints_resumes_to_the_same_run(tiny, kill_resume, same_run):
-    tmp, args, run = tiny
-    if not (tmp / "a" / "metrics.jsonl").exists():
-        assert run("a").returncode == 0  # the uninterrupted run, in its own process
+def test_run_killed_between_checkpoints_resumes_to_the_same_run(tiny, straight, kill_resume, same_run):
+    tmp, args, _ = tiny
     # SIGKILL right after step 3 is logged; the last checkpoint was at step 2 (--eval-every 2)
     killed, resumed = kill_resume(args("b"), kill_at=3)
     assert "step 3/6" in killed.stdout and "step 4/6" not in killed.stdout
     assert f"resumed from {tmp / 'b'} at step 2" in resumed.stdout
-    same_run(tmp / "a", tmp / "b", steps=range(1, 7))  # step 3 done again, not twice
+    same_run(straight, tmp / "b", steps=range(1, 7))  # step 3 done again, not twice
