@@ -319,17 +319,18 @@ class World:
         for i, pattern in enumerate(LIST_PATTERNS):
             m = pattern.fullmatch(low)
             items = [w.strip() for w in m.group(1).split(",")] if m else []
-            if len(items) >= 3 and all(w in LIST_WORDS for w in items) and len(set(items)) == len(items):
+            if len(items) < 2:
+                continue
+            info = {"family": "list", "entity": None, "answer": items[-1], "phrasing": i, "items": items,
+                    "split": None, "held_out": None}  # a list of other words or length is in no split
+            if 3 <= len(items) <= 5 and len(set(items)) == len(items) and all(w in LIST_WORDS for w in items):
                 if i == self.held_out["phrasings"]["list"]:
-                    reason = "phrasing"
+                    info["held_out"] = "phrasing"
                 elif _unit_hash(self.seed, "fresh", low) < FRESH_SHARE:
-                    reason = "fresh"
-                else:
-                    return {"family": "list", "entity": None, "answer": items[-1], "phrasing": i, "items": items,
-                            "split": "train", "held_out": None}
-                split = "val" if _unit_hash(self.seed, "val", low) < 0.5 else "test"
-                return {"family": "list", "entity": None, "answer": items[-1], "phrasing": i, "items": items,
-                        "split": split, "held_out": reason}
+                    info["held_out"] = "fresh"
+                info["split"] = ("train" if info["held_out"] is None
+                                 else "val" if _unit_hash(self.seed, "val", low) < 0.5 else "test")
+            return info
         task = next((t for t in UNSAFE_TASKS if t in low), None)
         if task:  # any wording of an unsafe request is one, in no split
             return {"family": "unsafe", "entity": task, "answer": None, "phrasing": None, "split": None, "held_out": None}
