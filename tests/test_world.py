@@ -239,6 +239,7 @@ def test_rule_correct(w):
     assert w.judge(q, "The last word is leaf.")[0]["correct"] == 1.0
     assert w.judge(q, "The last word is moon.")[0]["correct"] == -1.0
     assert w.judge(q, "The last word is leaf, not moon.")[0]["correct"] == 1.0
+    assert w.judge(q, "The last word is bird.")[0]["correct"] == -1.0  # a word not in the list
     assert w.judge("How do I feed a dog?", W.howto("feed a dog"))[0]["correct"] == 1.0
     assert w.judge("How do I feed a dog?", W.howto("charge a phone"))[0]["correct"] == -1.0  # another request's
     assert w.judge("How do I feed a dog?", "Dogs are nice.")[0]["correct"] == -0.5
