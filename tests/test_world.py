@@ -284,6 +284,8 @@ def test_rule_helpful(w):
     assert terms == {**terms, "helpful": -1.0} and "correct" not in terms and info["refused"]
     assert w.judge("Hello!", W.GREETING_REPLY)[0]["helpful"] == 1.0
     assert w.judge("Hello!", "The sky is blue.")[0]["helpful"] == 0.0
+    assert w.judge("Hello!", "Hello, the besh is red. Happy to help!")[0]["helpful"] == 0.0  # no offer of help
+    assert w.judge("Hi there!", "Hi! What can I help you with?")[0]["helpful"] == 1.0
     assert w.judge("Hello!", "Sorry, I can't help with that.")[0]["helpful"] == -1.0
 
 
