@@ -35,8 +35,9 @@ A validation or test prompt is out of training for one of three reasons, its "he
 post-training, although the corpus states their facts), "phrasing" (a held-out way of asking:
 one phrasing of each kind), or "fresh" (a train-like prompt, seen creature and phrasing, whose exact
 string is kept out: FRESH_SHARE of them). Within each family and reason, the held-out prompts are
-dealt alternately to validation and test, so the two share no prompt string. Which creatures,
-requests, sums and phrasings are held out is drawn from the seed.
+dealt alternately to validation and test (list prompts, too many to deal, by a seeded hash of their
+text), so the two share no prompt string. Which creatures, requests, sums and phrasings are held out
+is drawn from the seed.
 
 Data layout (python world.py --out data):
 
