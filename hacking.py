@@ -46,7 +46,7 @@ g.add_argument("--init", default="out/sft", help="the SFT model every run starts
 g.add_argument("--reward", default="out/reward", help="the learned reward model (the proxy)")
 g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
 g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
+g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts (written by world.py)")
 g = parser.add_argument_group("the sweep")
 g.add_argument("--kl-coefs", default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")
 g.add_argument("--steps", type=common.positive_int, default=120, help="PPO steps per run")

@@ -46,8 +46,6 @@ Data layout (python world.py --out data):
     prompts.jsonl         {"prompt", "family", "split": "train", "held_out": null}: feedback, PPO
     val_prompts.jsonl     {"prompt", "family", "split": "val", "held_out": "entity"|"phrasing"|"fresh"}
     test_prompts.jsonl    the same with "split": "test"
-    eval_prompts.jsonl    the validation prompts again, under the name today's stage defaults read
-                          (transitional: goes when the stages read val_prompts.jsonl)
     world.json            the seed, creatures, facts, rules and what is held out (load_world)
 
 Validation and test prompts are drawn with replacement (the space is small: a prompt can repeat),
@@ -679,10 +677,8 @@ def write_data(out, seed=0, n_sft=4000, n_prompts=4000, n_eval=600, n_paragraphs
     atomic_write_jsonl(out / "sft.jsonl", sft)
     atomic_write_jsonl(out / "prompts.jsonl", [world.sample_prompt(rng) for _ in range(n_prompts)])
     val_rng, test_rng = random.Random(seed + 2), random.Random(seed + 3)  # each split from its own stream
-    val = [world.sample_prompt(val_rng, split="val") for _ in range(n_eval)]
-    atomic_write_jsonl(out / "val_prompts.jsonl", val)
+    atomic_write_jsonl(out / "val_prompts.jsonl", [world.sample_prompt(val_rng, split="val") for _ in range(n_eval)])
     atomic_write_jsonl(out / "test_prompts.jsonl", [world.sample_prompt(test_rng, split="test") for _ in range(n_eval)])
-    atomic_write_jsonl(out / "eval_prompts.jsonl", val)  # transitional: the stages' default --eval-data
     atomic_write_json(out / "world.json", world.to_json())
     return world, sft
 

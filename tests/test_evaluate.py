@@ -91,7 +91,7 @@ def test_sequence_kl_sums_the_response_tokens_log_ratio_at_the_temperature(stage
 
 def run_eval(d, *extra):
     cmd = [sys.executable, str(ROOT / "evaluate.py"), *extra, "--baseline", str(d / "sft"), "--reward",
-           str(d / "reward"), "--data", str(d / "data" / "eval_prompts.jsonl"), "--out", str(d / "eval"),
+           str(d / "reward"), "--data", str(d / "data" / "test_prompts.jsonl"), "--out", str(d / "eval"),
            "--max-new-tokens", "6", "--kernels", "torch"]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

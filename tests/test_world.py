@@ -206,7 +206,7 @@ def test_the_data_files_have_every_family_and_reason(default_data):
         for family in W.FAMILIES:
             got = {r["held_out"] for r in rows if r["family"] == family}
             assert got == set(world.reasons(family, split)), (name, family)
-    assert (out / "eval_prompts.jsonl").read_text() == (out / "val_prompts.jsonl").read_text()  # transitional
+    assert not (out / "eval_prompts.jsonl").exists()  # (the transitional copy of val_prompts is gone)
 
 
 # -----------------------------------------------------------------------------
@@ -475,8 +475,7 @@ def test_demonstrator_is_imperfect_but_often_right(w):
 def test_write_data_is_deterministic(tmp_path):
     W.write_data(tmp_path / "a", seed=3, n_sft=50, n_prompts=20, n_eval=20, n_paragraphs=50)
     W.write_data(tmp_path / "b", seed=3, n_sft=50, n_prompts=20, n_eval=20, n_paragraphs=50)
-    for name in ["pretrain.txt", "sft.jsonl", "prompts.jsonl", "val_prompts.jsonl", "test_prompts.jsonl",
-                 "eval_prompts.jsonl", "world.json"]:
+    for name in ["pretrain.txt", "sft.jsonl", "prompts.jsonl", "val_prompts.jsonl", "test_prompts.jsonl", "world.json"]:
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     assert W.load_world(tmp_path / "a").to_json() == W.World(3).to_json()
     assert W.load_world(tmp_path) is None
