@@ -65,7 +65,7 @@ g.add_argument("--val-fraction", type=common.number(float, lambda v: 0 <= v < 1,
                help="share of prompts whose pairs are held out")
 g.add_argument("--eval-every", type=common.positive_int, default=25,
                help="held-out loss, gold reward and KL every N steps")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts ({'prompt'} JSONL)")
+g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=common.nonnegative_int, default=200,
                help="how many of them to sample (0: no sampling)")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=48,

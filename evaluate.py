@@ -1,7 +1,7 @@
 """Evaluation: how much did RLHF help, by the judge we actually care about, and at what cost?
 
-Every model answers the same held-out prompts (data/eval_prompts.jsonl), one sample each at the
-same temperature and seed, and we report:
+Every model answers the same test prompts (data/test_prompts.jsonl: the split no training stage or
+tuning ever reads), one sample each at the same temperature and seed, and we report:
 
     gold_reward ± se   the simulated humans' mean score (world.gold_score) and its standard error
     win_rate_vs_sft    fraction of prompts where the gold judge prefers the model's answer to the
@@ -10,8 +10,14 @@ same temperature and seed, and we report:
                        in nats per answer, both at the sampling temperature
     proxy_score        mean score of the learned reward model, the thing PPO optimised
     length             mean words per answer
-    per family         correctness on fact / arith / list questions, refusal rate on unsafe
-                       requests, over-refusal rate on benign ones
+    failure modes      refusal rate on unsafe requests, over-refusal rate on benign requests and on
+                       the harmless look-alikes of unsafe ones, sycophancy rate on belief prompts
+                       whose belief is wrong (each read from the judge: world.judge's info)
+    by held-out reason gold ± se on the train-like prompts (held_out "fresh": seen creatures and
+                       phrasings, the exact string kept out) and on the held-out ones (a creature,
+                       request or sum never asked in training: "entity"; a way of asking never
+                       used: "phrasing"): what RLHF taught, against what carries over
+    per family         gold ± se and correctness per prompt family
 
 plus best-of-n of the baseline for n = 1, 2, 4, ... --best-of: sample --best-of answers per prompt
 once, and for each n keep the one of the first n that the reward model scores highest. It needs no
@@ -19,14 +25,21 @@ training, and its KL to the baseline is known in closed form, log n - (n - 1) / 
 n scores are distinct, an upper bound otherwise; Beirami et al. 2024), which places the trained
 policies on a gold-reward-versus-KL curve (Gao et al. 2022 plot the same).
 
+The table's header names the split of its prompts. Prompts that also occur in the training files
+beside them (prompts.jsonl, sft.jsonl) or given with --train-data get a one-line warning: figures on
+them are not held out.
+
 Simplified: one sample per prompt and model (the win rate's noise is that of the samples too),
-the judge is the tiny world's rule-based gold judge, and no confidence interval for the win rate.
+the judge is the tiny world's rule-based gold judge, and no confidence interval for the win rate
+or the rates.
 
     python evaluate.py out/sft out/ppo out/dpo --reward out/reward --out out/eval
     python evaluate.py out/sft out/ppo --n-prompts 100 --best-of 4        # a quick look
+    python evaluate.py out/sft out/ppo --data data/val_prompts.jsonl      # while tuning: validation
 """
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -34,7 +47,7 @@ import torch
 import common
 from sampling import collate_responses, encode_prompts, response_logprobs, sample_responses
 from tokenizer import encode_prompt
-from world import load_world
+from world import FAMILIES, load_world
 
 power_of_2_or_0 = common.number(int, lambda n: n >= 0 and not n & (n - 1), "must be 0 or a power of 2")  # --best-of
 
@@ -43,7 +56,11 @@ parser.add_argument("models", nargs="+", help="GPT checkpoint folders to evaluat
 g = parser.add_argument_group("what to compare")
 g.add_argument("--baseline", default="out/sft", help="the reference for win rate, KL and best-of-n")
 g.add_argument("--reward", default="out/reward", help="the learned reward model (proxy score, best-of-n)")
-g.add_argument("--data", default="data/eval_prompts.jsonl", help="held-out prompts (JSONL with 'prompt')")
+g.add_argument("--data", default="data/test_prompts.jsonl", help="test prompts (JSONL with 'prompt')")
+g.add_argument("--train-data", action="append", default=None, metavar="PATH",
+               help="a training file (JSONL with 'prompt' or 'messages') whose prompts --data should not repeat: "
+                    "a warning if it does (repeat the flag for several; default: prompts.jsonl and sft.jsonl "
+                    "beside --data)")
 g.add_argument("--n-prompts", type=common.positive_int, default=600, help="evaluate on the first N prompts")
 g.add_argument("--best-of", type=power_of_2_or_0, default=16, help="largest n of best-of-n (a power of 2; 0 = skip)")
 g = parser.add_argument_group("sampling")
@@ -62,35 +79,68 @@ g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 # The measurements (the training stages and the reward-hacking experiments call these too)
 
 
-def gold_summary(world, prompts, responses, prefix="eval/"):
-    """Mean gold reward with its standard error, plus the per-family figures the evaluation reports.
+def mean_se(xs):
+    """Mean and standard error of the mean (sample standard deviation / sqrt n; 0 for one value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    return mean, (sum((x - mean) ** 2 for x in xs) / max(n - 1, 1)) ** 0.5 / n ** 0.5
 
-    prompts: list of {"prompt", "family"}; responses: list of strings (or sample_responses dicts).
+
+HELD_OUT = ("fresh", "entity", "phrasing")  # why a prompt is out of training (world.py): train-like first
+
+
+def prompt_groups(world, prompt):
+    """(family, held_out) of a prompt, as the world knows it: held_out is why it is out of training
+    ("fresh", "entity", "phrasing"), None for a training prompt or one in no split."""
+    info = world.prompt_info(prompt) or {"family": "other", "held_out": None}
+    return info["family"], info["held_out"]
+
+
+def gold_summary(world, prompts, responses, prefix="eval/"):
+    """Mean gold reward with its standard error, and the figures the evaluation reports by group.
+
+    prompts: list of {"prompt", ...}; responses: list of strings (or sample_responses dicts). Every
+    figure is read from the judge (world.gold_score, and world.judge's info: refused, correct,
+    sycophantic), never from a rule of its own:
+
+        gold_reward, _se                  all prompts
+        gold_<family>, _se                per prompt family
+        gold_held_out_<reason>, _se       per reason a prompt is out of training: fresh (train-like),
+                                          entity, phrasing (prompts of the training split: in none)
+        correct_<family>                  share answered right (the answerable families)
+        refusal_rate_unsafe               share of unsafe requests declined
+        over_refusal_rate                 share of every other prompt answered with a refusal
+        over_refusal_rate_lookalike       the same on the harmless look-alikes of unsafe requests
+        sycophancy_rate                   share of belief prompts with a wrong belief whose answer agrees with it
+        length                            words per answer
     """
-    scores, fam_scores, correct, refusals = [], {}, {}, {}
+    scores, correct, rates = {"reward": []}, {}, {}  # gold scores by group; True/False by family; by rate
     for p, r in zip(prompts, responses):
         text = r["text"] if isinstance(r, dict) else r
-        s = world.gold_score(p["prompt"], text)
+        score = world.gold_score(p["prompt"], text)
         _, info = world.judge(p["prompt"], text)
-        scores.append(s)
-        fam_scores.setdefault(info["family"], []).append(s)
+        family, held_out = prompt_groups(world, p["prompt"])
+        for group in ("reward", family) + ((f"held_out_{held_out}",) if held_out else ()):
+            scores.setdefault(group, []).append(score)
         if info["correct"] is not None:
-            correct.setdefault(info["family"], []).append(info["correct"])
-        refusals.setdefault("unsafe" if info["family"] == "unsafe" else "benign", []).append(info["refused"])
-    n = len(scores)
-    mean = sum(scores) / n
-    se = (sum((s - mean) ** 2 for s in scores) / max(n - 1, 1)) ** 0.5 / n ** 0.5
-    out = {f"{prefix}gold_reward": mean, f"{prefix}gold_reward_se": se}
-    for fam, ss in sorted(fam_scores.items()):
-        out[f"{prefix}gold_{fam}"] = sum(ss) / len(ss)
-    for fam, cs in sorted(correct.items()):
-        out[f"{prefix}correct_{fam}"] = sum(cs) / len(cs)
-    if "unsafe" in refusals:
-        out[f"{prefix}refusal_rate_unsafe"] = sum(refusals["unsafe"]) / len(refusals["unsafe"])
-    if "benign" in refusals:
-        out[f"{prefix}over_refusal_rate"] = sum(refusals["benign"]) / len(refusals["benign"])
+            correct.setdefault(family, []).append(info["correct"])
+        refusal = "refusal_rate_unsafe" if family == "unsafe" else "over_refusal_rate"
+        rates.setdefault(refusal, []).append(info["refused"])
+        if family == "lookalike":
+            rates.setdefault("over_refusal_rate_lookalike", []).append(info["refused"])
+        if info["sycophantic"] is not None:
+            rates.setdefault("sycophancy_rate", []).append(info["sycophantic"])
+    families = sorted(g for g in scores if g != "reward" and not g.startswith("held_out_"))
+    out = {}
+    for group in ["reward", *families, *(f"held_out_{h}" for h in HELD_OUT if f"held_out_{h}" in scores)]:
+        out[f"{prefix}gold_{group}"], out[f"{prefix}gold_{group}_se"] = mean_se(scores[group])
+    for family, cs in sorted(correct.items()):
+        out[f"{prefix}correct_{family}"] = sum(cs) / len(cs)
+    for name in ("refusal_rate_unsafe", "over_refusal_rate", "over_refusal_rate_lookalike", "sycophancy_rate"):
+        if name in rates:
+            out[f"{prefix}{name}"] = sum(rates[name]) / len(rates[name])
     texts = [r["text"] if isinstance(r, dict) else r for r in responses]
-    out[f"{prefix}length"] = sum(len(t.split()) for t in texts) / n
+    out[f"{prefix}length"] = sum(len(t.split()) for t in texts) / len(texts)
     return out
 
 
@@ -180,20 +230,83 @@ def evaluate_model(name, rows, responses, world, baseline_gold, kl, proxy):
     return result
 
 
+# -----------------------------------------------------------------------------
+# What the prompts are: their split, and whether training saw them
+
+
+def split_label(world, rows):
+    """The split(s) of the tiny world the prompts belong to ("test", "validation", "train", or several,
+    "unknown" for a prompt the world does not know), by world.split_of, else by their "split" field."""
+    names = {"train": "train", "val": "validation", "test": "test"}
+    if world is not None:
+        splits = [(world.split_of(r["prompt"]) or (None,))[0] for r in rows]
+    else:
+        splits = [r.get("split") for r in rows]
+    return ", ".join(sorted({names.get(s, "unknown") for s in splits}))
+
+
+def training_prompts(paths):
+    """The prompts of training files: each row's "prompt", and the user turns of its "messages"."""
+    seen = set()
+    for path in paths:
+        for row in common.read_jsonl(path, flag="--train-data", allow_empty=True):
+            texts = [row.get("prompt")] + [m.get("content") for m in row.get("messages") or []
+                                          if isinstance(m, dict) and m.get("role") == "user"]
+            seen.update(t.strip().lower() for t in texts if isinstance(t, str))
+    return seen
+
+
+def training_overlap(prompts, paths):
+    """The prompts that also occur in the training files (compared as the world reads a prompt: case and
+    surrounding spaces aside). Figures on them are not held out."""
+    seen = training_prompts(paths)
+    return [p for p in prompts if p.strip().lower() in seen]
+
+
+# -----------------------------------------------------------------------------
+# results.md: the headline table, gold by held-out reason, gold per family
+
 COLUMNS = [("name", "model", "{}"), ("gold_reward", "gold", "{:+.3f}"), ("gold_reward_se", "± se", "{:.3f}"),
            ("win_rate_vs_sft", "win vs SFT", "{:.1%}"), ("kl_to_sft", "KL to SFT", "{:.2f}"),
            ("proxy_score", "proxy", "{:+.3f}"), ("length", "words", "{:.1f}"),
            ("correct_fact", "fact ok", "{:.0%}"), ("correct_arith", "arith ok", "{:.0%}"),
            ("correct_list", "list ok", "{:.0%}"), ("refusal_rate_unsafe", "refuses unsafe", "{:.0%}"),
-           ("over_refusal_rate", "over-refuses", "{:.0%}")]
+           ("over_refusal_rate", "over-refuses", "{:.0%}"),
+           ("over_refusal_rate_lookalike", "over-refuses look-alikes", "{:.0%}"),
+           ("sycophancy_rate", "sycophancy", "{:.0%}")]
+HELD_OUT_TITLES = {"fresh": "train-like: fresh", "entity": "held out: entity", "phrasing": "held out: phrasing"}
 
 
-def markdown_table(results):
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(results, columns=COLUMNS):
+    """columns: (key, title, format); a missing figure is a dash."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
-        cells = ["—" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS]
+        cells = ["—" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def gold_table(results, groups, title):
+    """model | one column per group: gold ± se (gold_<group>, gold_<group>_se); groups: [(group, column title)]."""
+    rows = [{"name": r["name"], **{g: f"{r[f'gold_{g}']:+.3f} ± {r[f'gold_{g}_se']:.3f}" for g, _ in groups
+                                   if r.get(f"gold_{g}") is not None}} for r in results]
+    return f"{title}\n\n" + markdown_table(rows, [("name", "model", "{}")] + [(g, t, "{}") for g, t in groups])
+
+
+def markdown(results, world, rows):
+    """results.md: the headline table, then (with the tiny world's judge) the gold score by why a prompt
+    is out of training and per family, each column titled with its number of prompts."""
+    text = markdown_table(results)
+    if world is None:
+        return text
+    groups = [prompt_groups(world, r["prompt"]) for r in rows]
+    n_held = {h: sum(g[1] == h for g in groups) for h in HELD_OUT}
+    held = [(f"held_out_{h}", f"{HELD_OUT_TITLES[h]} (n = {n})") for h, n in n_held.items() if n]
+    if held:
+        text += "\n" + gold_table(results, held, "Gold by why the prompt is out of training (mean ± se):")
+    n_family = {f: sum(g[0] == f for g in groups) for f in [*FAMILIES, "other"]}
+    families = [(f, f"{f} (n = {n})") for f, n in n_family.items() if n]
+    return text + "\n" + gold_table(results, families, "Gold per family (mean ± se):")
 
 
 # -----------------------------------------------------------------------------
@@ -209,12 +322,20 @@ if __name__ == "__main__":
     world = load_world(Path(args.data).parent)
     if world is None:
         print(f"note: {args.data} was not written by world.py: no gold judge, gold reward and win rate are skipped")
+    split = split_label(world, rows)
+    train_files = (args.train_data if args.train_data is not None else
+                   [f for f in (Path(args.data).parent / n for n in ("prompts.jsonl", "sft.jsonl")) if f.exists()])
+    seen = training_overlap(prompts, train_files)
+    if seen:
+        print(f"warning: {len(seen)} of {len(prompts)} prompts of {args.data} also occur in training data "
+              f"({', '.join(map(str, train_files))}), e.g. {seen[0]!r}: the figures on them are not held out",
+              file=sys.stderr, flush=True)
     for path in args.models:  # every checkpoint checked before any sampling starts
         common.load_meta(path, ("pretrain", "sft", "ppo", "dpo"), flag="model")
     baseline, enc, _ = common.load_policy(args.baseline, device, flag="--baseline")
     reward_model, _, _ = common.load_scalar_model(args.reward, device)
     encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)
-    print(f"{len(rows)} prompts from {args.data} | temperature {args.temperature} | seed {args.seed}")
+    print(f"{len(rows)} prompts from {args.data} (split: {split}) | temperature {args.temperature} | seed {args.seed}")
 
     def gold_of(responses):
         return [world.gold_score(p, r["text"]) for p, r in zip(prompts, responses)] if world else None
@@ -255,9 +376,9 @@ if __name__ == "__main__":
 
     out = Path(args.out)
     common.atomic_write_json(out / "results.json", results)
-    table = markdown_table(results)
+    table = markdown(results, world, rows)
     header = (f"Evaluation on {len(rows)} prompts of {args.data} "
-              f"(temperature {args.temperature}, baseline {args.baseline})")
+              f"(split: {split}; temperature {args.temperature}, baseline {args.baseline})")
     common.atomic_write_text(out / "results.md", f"{header}\n\n{table}")
     print("\n" + table)
     print(f"wrote {out}/results.json and results.md")

@@ -6,9 +6,20 @@ which people give more easily and more consistently. For each of --num-prompts p
 pairs whose two texts are identical (nothing to compare), store them in pairs.jsonl, then ask:
 
 - `--labeler simulated` (default): the tiny world's simulated human, Bradley-Terry with
-  temperature --tau: P(a better than b) = sigmoid((gold(a) - gold(b)) / tau). With tau = 0.5 a
-  gold gap of 0.5 is labelled right only 73% of the time, so many labels are noisy, like real ones;
-  the labeller's agreement with the gold ranking is the ceiling a reward model is judged against.
+  temperature --tau: P(a better than b) = sigmoid((gold(a) - gold(b)) / tau + biases). With tau =
+  0.5 a gold gap of 0.5 is labelled right only 73% of the time, so many labels are noisy, like real
+  ones; the labeller's agreement with the gold ranking is the ceiling a reward model is judged against.
+  Real labellers are also biased, and the simulated one has the three best-documented biases, each
+  added to the logit per unit of difference between the two answers (world.World.label):
+      --b-agree    per answer that agrees with the belief the user stated: "matches the user's
+                   beliefs" is among the features that best predict which answer people prefer in
+                   hh-rlhf (Sharma et al. 2023, Towards Understanding Sycophancy in Language Models)
+      --b-refuse   per refusal: crowdworkers rewarding evasive refusals as harmless made the HH
+                   assistants over-evasive (Bai et al. 2022, Training a Helpful and Harmless Assistant)
+      --b-len      per 10 words more: preference data and reward models favour longer answers
+                   (Singhal et al. 2023, A Long Way to Go: Investigating Length Correlations in RLHF)
+  The defaults are world.LABELLER_BIASES, mild ones; 0 for all three gives the unbiased labeller's
+  labels exactly. meta.json keeps them with --tau ("simulated_labeller").
 - `--labeler human`: you, in the terminal. Answer 1 or 2 (which response is better), s to skip,
   q to quit. Every answer is saved at once; `--resume` later continues with the pairs not yet
   answered (the pairs are fixed when pairs.jsonl is written, so they are the same ones).
@@ -39,6 +50,7 @@ policy improves.
     python feedback.py --device cuda --num-prompts 4000                               # one GPU
 """
 
+import math
 import random
 from pathlib import Path
 
@@ -46,7 +58,7 @@ import torch
 
 import common
 from sampling import encode_prompts, sample_responses
-from world import load_world
+from world import LABELLER_BIASES, load_world
 
 # -----------------------------------------------------------------------------
 # Config
@@ -63,9 +75,17 @@ g.add_argument("--temperature", type=common.positive_float, default=1.0, help="s
 g.add_argument("--max-new-tokens", type=common.positive_int, default=48)
 g.add_argument("--sample-batch-size", type=common.positive_int, default=256, help="sequences per generation batch")
 g = parser.add_argument_group("labelling")
+finite = common.number(float, math.isfinite, "must be a finite number")  # a bias may be negative
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
 g.add_argument("--tau", type=common.positive_float, default=0.5,
                help="simulated labeller's noise: Bradley-Terry temperature")
+g.add_argument("--b-agree", type=finite, default=LABELLER_BIASES["b_agree"],
+               help="simulated labeller's bias (logit) for an answer that agrees with the user's stated belief "
+                    "(Sharma et al. 2023); 0: none")
+g.add_argument("--b-refuse", type=finite, default=LABELLER_BIASES["b_refuse"],
+               help="simulated labeller's bias (logit) for a refusal (Bai et al. 2022); 0: none")
+g.add_argument("--b-len", type=finite, default=LABELLER_BIASES["b_len"],
+               help="simulated labeller's bias (logit) per 10 words more (Singhal et al. 2023); 0: none")
 g.add_argument("--save-every", type=common.positive_int, default=500,
                help="simulated labels saved every N (a human's: every answer)")
 
@@ -94,11 +114,12 @@ def make_pairs(prompts, responses, k):
 # The two labellers. Each returns 1 (a is better), 2 (b is better), "s" (skip) or "q" (quit).
 
 
-def simulated_labeler(world, tau, seed):
+def simulated_labeler(world, tau, seed, b_agree=0.0, b_refuse=0.0, b_len=0.0):
+    """The world's simulated human (World.label): Bradley-Terry on the gold scores, plus the biases."""
     def ask(pair):
         # One generator per pair: a resumed or partial run labels each pair exactly as a full run would.
         rng = random.Random(seed * 1_000_003 + pair["pair_id"])
-        return 1 if world.label(pair["prompt"], pair["a"], pair["b"], tau, rng) else 2
+        return 1 if world.label(pair["prompt"], pair["a"], pair["b"], tau, rng, b_agree, b_refuse, b_len) else 2
     return ask
 
 
@@ -157,6 +178,8 @@ if __name__ == "__main__":
                        f"use --labeler human for other prompts")
         print(f"note: no world.json beside {args.data}: the labels get no gold scores")
 
+    labeller = {k: getattr(args, k) for k in ("tau", "b_agree", "b_refuse", "b_len")}  # simulated: noise, biases
+
     # -- 1. the pairs: sampled once, then fixed ---------------------------------
     prefs, skipped = [], []
     if args.resume and pairs_path.exists():
@@ -168,6 +191,11 @@ if __name__ == "__main__":
         if skipped_path.exists():
             skipped = common.read_jsonl(skipped_path, flag="--out", allow_empty=True)
         n_identical, tokenizer = meta.get("counts", {}).get("identical", 0), meta.get("tokenizer")
+        before = meta.get("simulated_labeller") or {}
+        if args.labeler == "simulated" and prefs and before and before != labeller:  # one labeller per file
+            common.die(f"--resume: the labels in {out} were drawn with " + ", ".join(
+                f"--{k.replace('_', '-')} {v:g}" for k, v in before.items()) + "; pass the same, or start over "
+                "without --resume")
         print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
     else:
         labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
@@ -233,8 +261,9 @@ if __name__ == "__main__":
         common.atomic_write_jsonl(prefs_path, prefs)
         common.atomic_write_jsonl(skipped_path, skipped)
         meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
-                "labeler": args.labeler, "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped),
-                                                     "identical": n_identical}, "final": final or {}}
+                "labeler": args.labeler, "simulated_labeller": labeller if args.labeler == "simulated" else None,
+                "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped), "identical": n_identical},
+                "final": final or {}}
         common.atomic_write_json(out / "meta.json", meta)
 
     if not args.resume or not (out / "meta.json").exists():
@@ -246,9 +275,12 @@ if __name__ == "__main__":
     if args.steps:
         todo = todo[: args.steps]
     human = args.labeler == "human"
-    ask = human_labeler(len(pairs)) if human else simulated_labeler(world, args.tau, args.seed)
+    ask = human_labeler(len(pairs)) if human else simulated_labeler(world, seed=args.seed, **labeller)
     if human:
         print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
+    else:
+        print(f"simulated labeller: tau {args.tau:g}; biases (logits): agree {args.b_agree:g}, refuse {args.b_refuse:g}, "
+              f"length {args.b_len:g} per 10 words (0 everywhere: unbiased)")
     # counter "label": labels done in all sessions; Ctrl-C saves and exits (a human's is read by input() as "q")
     labels = common.steps(len(done), len(pairs), save, out, counter="label", ctrl_c=not human)
     for n, (_, pair) in enumerate(zip(labels, todo), 1):

@@ -41,13 +41,7 @@ from evaluate import best_of_n, best_of_n_kl, gold_summary, power_of_2_or_0, pro
 from sampling import sample_responses
 from world import load_world
 
-parser = common.ArgumentParser(description="Reward hacking: proxy and gold scores against KL to SFT")
-g = parser.add_argument_group("inputs (a finished pipeline.py run)")
-g.add_argument("--init", default="out/sft", help="the SFT model every run starts from")
-g.add_argument("--reward", default="out/reward", help="the learned reward model (the proxy)")
-g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
-g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts (written by world.py)")
+
 def numbers(ok, must, allow_empty=True):
     """argparse type=: comma-separated numbers, each ok(value) ("" is none, where allowed)."""
     def parse(text):
@@ -61,6 +55,13 @@ def numbers(ok, must, allow_empty=True):
     return parse
 
 
+parser = common.ArgumentParser(description="Reward hacking: proxy and gold scores against KL to SFT")
+g = parser.add_argument_group("inputs (a finished pipeline.py run)")
+g.add_argument("--init", default="out/sft", help="the SFT model every run starts from")
+g.add_argument("--reward", default="out/reward", help="the learned reward model (the proxy)")
+g.add_argument("--preferences", default="out/feedback/preferences.jsonl", help="the pairs DPO trains on")
+g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts")
+g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts (written by world.py)")
 g = parser.add_argument_group("the sweep")
 g.add_argument("--kl-coefs", type=numbers(lambda c: 0 <= c < math.inf, "must be one or more numbers >= 0", False),
                default="0,0.1", help="comma-separated PPO kl_coef values (0: no leash)")

@@ -37,7 +37,7 @@ parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
 def stages(out, data):
     """(name, script, arguments, takes the common flags, quick-size arguments, GPU-preset arguments)."""
     o, d = Path(out), Path(data)
-    evals = ["--eval-data", d / "eval_prompts.jsonl"]
+    evals = ["--eval-data", d / "val_prompts.jsonl"]
     return [
         ("world", "world.py", ["--out", d], False,
          ["--n-sft", 400, "--n-prompts", 200, "--n-eval", 64, "--n-paragraphs", 1500], []),
@@ -59,7 +59,7 @@ def stages(out, data):
         ("dpo", "dpo.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", *evals, "--out", o / "dpo"], True,
          ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8], ["--lr", 1e-6]),
         ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", "--baseline", o / "sft", "--reward", o / "reward",
-                                     "--data", d / "eval_prompts.jsonl", "--out", o / "eval"], True,
+                                     "--data", d / "test_prompts.jsonl", "--out", o / "eval"], True,
          ["--n-prompts", 32, "--best-of", 4, "--max-new-tokens", 16], []),
         ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]

@@ -47,6 +47,13 @@ STAGE_TITLES = {"pretrain": "Stage 0: pretraining", "sft": "Stage 1: supervised 
 LR = ("Learning rate", "learning rate", [("train/lr", "lr")])
 GRAD_NORM = ("Gradient norm (before clipping)", "L2 norm", [("train/grad_norm", "grad norm")])
 GOLD = ("Gold reward, held out", "gold score per answer", [("eval/gold_reward", "gold reward")])
+GOLD_HELD_OUT = ("Gold reward by why a prompt is held out", "gold score per answer",
+                 [("eval/gold_held_out_fresh", "train-like (fresh)"), ("eval/gold_held_out_entity", "held-out entity"),
+                  ("eval/gold_held_out_phrasing", "held-out phrasing")])
+FAILURES = ("Failure modes, held-out prompts", "fraction",
+            [("eval/refusal_rate_unsafe", "unsafe refused (good)"), ("eval/over_refusal_rate", "benign refused (bad)"),
+             ("eval/over_refusal_rate_lookalike", "look-alikes refused (bad)"),
+             ("eval/sycophancy_rate", "wrong beliefs agreed with (bad)")])
 
 PANELS = {
     "pretrain": [
@@ -56,9 +63,7 @@ PANELS = {
     ],
     "sft": [
         ("Loss on response tokens", "nats/token", [("train/loss", "train"), ("val/loss", "val")]),
-        GOLD,
-        ("Refusals, held-out prompts", "fraction", [("eval/refusal_rate_unsafe", "unsafe refused (good)"),
-                                                    ("eval/over_refusal_rate", "benign refused (bad)")]),
+        GOLD, GOLD_HELD_OUT, FAILURES,
         ("Answer length, held-out prompts", "words", [("eval/length", "length")]),
         LR, GRAD_NORM,
     ],
@@ -80,7 +85,7 @@ PANELS = {
         ("Reward-model score", "score per answer", [("objective/score", "score"),
                                                     ("objective/reward", "score - kl_coef * KL"),
                                                     ("eval/proxy_score", "score, held out")]),
-        GOLD,
+        GOLD, GOLD_HELD_OUT, FAILURES,
         ("KL to the SFT model", "nats/sequence", [("objective/kl", "KL"), ("eval/kl_to_sft", "KL, held out")]),
         ("KL coefficient", "kl_coef", [("objective/kl_coef", "kl_coef")]),
         ("Policy entropy", "nats/token", [("objective/entropy", "entropy")]),
@@ -101,7 +106,7 @@ PANELS = {
                                                          ("dpo/rejected_reward", "rejected")]),
         ("Log-probs of the answers", "nats/sequence", [("dpo/chosen_logp", "chosen"),
                                                        ("dpo/rejected_logp", "rejected")]),
-        GOLD,
+        GOLD, GOLD_HELD_OUT, FAILURES,
         ("KL to the SFT model (own samples)", "nats/sequence", [("eval/kl_to_sft", "KL")]),
         LR, GRAD_NORM,
     ],

@@ -123,7 +123,7 @@ g.add_argument("--gamma", type=unit_interval, default=1.0, help="discount")
 g.add_argument("--lam", type=unit_interval, default=0.95, help="GAE lambda")
 g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the eval/* metrics")
+g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
 g.add_argument("--eval-every", type=common.positive_int, default=20,
                help="gold evaluation and checkpoint every N steps")

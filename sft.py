@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 import common
-from evaluate import gold_summary
+from evaluate import HELD_OUT, gold_summary
 from sampling import encode_prompts, sample_responses
 from tokenizer import encode_prompt, encode_response
-from world import load_world
+from world import FAMILIES, load_world
 
 # -----------------------------------------------------------------------------
 # Config
@@ -56,7 +56,7 @@ g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=common.fraction, default=0.05, help="demonstrations held out for val/loss")
 g.add_argument("--eval-every", type=common.positive_int, default=50,
                help="val/loss, samples and gold reward every N steps")
-g.add_argument("--eval-data", default="data/eval_prompts.jsonl", help="held-out prompts for the gold judge")
+g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts for the gold judge")
 g.add_argument("--eval-prompts", type=common.positive_int, default=200,
                help="eval prompts judged periodically (all of them at the end)")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="longest sampled response")
@@ -278,14 +278,15 @@ if __name__ == "__main__":
         for name, s in (("pretrain", pre_summary), ("ideal", ideal_summary)):
             final[f"eval/gold_reward_{name}"] = s["eval/gold_reward"]
             final[f"eval/gold_reward_{name}_se"] = s["eval/gold_reward_se"]
-        # The headroom table: per family, what the pretrained model, SFT and the ideal answers score.
-        families = [k.removeprefix("eval/gold_") for k in ideal_summary if k.startswith("eval/gold_")
-                    and k not in ("eval/gold_reward", "eval/gold_reward_se")]
+        # The headroom table: per family and per held-out reason, what the pretrained model, SFT and the
+        # ideal answers score.
+        groups = [g for g in [*FAMILIES, "other", *(f"held_out_{h}" for h in HELD_OUT)]
+                  if f"eval/gold_{g}" in ideal_summary]
         print(f"gold reward on all {len(eval_prompts)} held-out prompts (mean ± standard error):")
-        print(f"  {'':<10} {'all':>15}  " + " ".join(f"{f:>7}" for f in families))
+        print(f"  {'':<10} {'all':>15}  " + " ".join(f"{g.removeprefix('held_out_'):>9}" for g in groups))
         for name, s in (("pretrained", pre_summary), ("sft", metrics), ("ideal", ideal_summary)):
             print(f"  {name:<10} {s['eval/gold_reward']:>7.3f} ± {s['eval/gold_reward_se']:.3f}  "
-                  + " ".join(f"{s.get('eval/gold_' + f, float('nan')):>7.2f}" for f in families))
+                  + " ".join(f"{s.get('eval/gold_' + g, float('nan')):>9.2f}" for g in groups))
         for p, pre, s in list(zip(eval_prompts, pre_samples, samples))[:3]:
             print(f"  {p['prompt']!r}\n    pretrained: {pre['text']!r}\n    sft:        {s['text']!r}\n"
                   f"    ideal:      {world.ideal_response(p['prompt'])!r}")

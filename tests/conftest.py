@@ -125,7 +125,7 @@ def chain(tmp_path_factory):
 
     run(*pretrain_args(tmp, "pretrain"))
     run("sft.py", "--init", tmp / "pretrain", "--data", data / "sft.jsonl", "--eval-data",
-        data / "eval_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+        data / "val_prompts.jsonl", "--out", tmp / "sft", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
         "--eval-prompts", 4, "--max-new-tokens", 8)
     run("feedback.py", "--init", tmp / "sft", "--data", data / "prompts.jsonl", "--out", tmp / "feedback",
         "--num-prompts", 60, "--max-new-tokens", 8)

@@ -210,7 +210,7 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_status_2(chai
 def test_sft_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
     tmp, _ = chain
     args = ["--init", tmp / "pretrain", "--data", tmp / "data" / "sft.jsonl", "--eval-data",
-            tmp / "data" / "eval_prompts.jsonl", "--steps", 4, "--batch-size", 8, "--eval-every", 2,
+            tmp / "data" / "val_prompts.jsonl", "--steps", 4, "--batch-size", 8, "--eval-every", 2,
             "--eval-prompts", 4, "--max-new-tokens", 8]
     r, ranks = torchrun_ranks(tmp_path, "sft.py", *args, "--out", tmp_path / "ddp")
     run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
@@ -248,7 +248,7 @@ def test_reward_with_grad_accum_under_torchrun_matches_one_process(chain, tmp_pa
 def test_dpo_under_torchrun_matches_one_process(chain, tmp_path, monkeypatch):
     tmp, _ = chain
     args = ["--init", tmp / "sft", "--data", few_preferences(tmp), "--steps", 4,
-            "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "eval_prompts.jsonl",
+            "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "val_prompts.jsonl",
             "--eval-prompts", 4, "--max-new-tokens", 6, "--lr", 1e-2]
     r, ranks = torchrun_ranks(tmp_path, "dpo.py", *args, "--out", tmp_path / "ddp")
     run_here(monkeypatch, "dpo.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
@@ -277,7 +277,7 @@ def test_a_batch_that_does_not_split_stops_with_one_clear_line(tmp_path, monkeyp
 def test_ppo_under_torchrun_keeps_ranks_in_step_and_logs_global_means(stages, tmp_path):
     d = stages
     args = ["--init", d / "sft", "--reward", d / "reward", "--data", d / "data" / "prompts.jsonl",
-            "--eval-data", d / "data" / "eval_prompts.jsonl", "--batch-size", 4, "--minibatch-size", 2,
+            "--eval-data", d / "data" / "val_prompts.jsonl", "--batch-size", 4, "--minibatch-size", 2,
             "--max-new-tokens", 5, "--ppo-epochs", 2, "--eval-prompts", 4, "--eval-every", 2, "--sample-every", 2,
             "--steps", 3, "--kernels", "torch", "--adaptive-kl", "--whiten-rewards"]
     r, ranks = torchrun_ranks(tmp_path, "ppo.py", *args, "--out", tmp_path / "ddp")

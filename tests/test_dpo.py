@@ -190,12 +190,13 @@ def tiny_run(tmp_path_factory):
         chosen, rejected = (a, b) if world.label(p, a, b, 0.5, rng) else (b, a)
         rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     common.atomic_write_jsonl(tmp / "prefs.jsonl", rows)
-    common.atomic_write_jsonl(tmp / "data" / "eval_prompts.jsonl", [world.sample_prompt(rng) for _ in range(6)])
+    val = [world.sample_prompt(rng, split="val") for _ in range(6)]
+    common.atomic_write_jsonl(tmp / "data" / "val_prompts.jsonl", val)
     common.atomic_write_json(tmp / "data" / "world.json", world.to_json())
 
     def argv(out, *extra):
         return ["dpo.py", "--init", tmp / "sft", "--data", tmp / "prefs.jsonl", "--out", tmp / out,
-                "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "eval_prompts.jsonl",
+                "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--eval-data", tmp / "data" / "val_prompts.jsonl",
                 "--eval-prompts", 6, "--max-new-tokens", 6, "--lr", 1e-2, "--device", "cpu", *extra]
 
     def run(out, *extra):

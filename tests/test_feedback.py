@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from conftest import metrics_without_time  # noqa: E402
 from feedback import agreement_with_gold, make_pairs, preference, simulated_labeler  # noqa: E402
+from feedback import parser as feedback_parser  # noqa: E402
 from world import World, write_data  # noqa: E402
 
 
@@ -229,3 +230,41 @@ def test_killed_while_sampling_and_while_labelling_resumes_to_the_same_labels(ti
     rows = metrics_without_time(tmp / "k" / "metrics.jsonl")
     assert rows == metrics_without_time(tmp / "a" / "metrics.jsonl") and [r["step"] for r in rows] == [1, 2, 3]
     assert not (tmp / "k" / "samples.pt").exists()
+
+
+def test_labeller_biases_are_flags_kept_in_meta_and_zero_is_the_unbiased_labeller(tiny_sft, monkeypatch, capsys):
+    """--b-agree/--b-refuse/--b-len reach World.label; with all three 0 every label is the plain
+    Bradley-Terry draw sigmoid((gold(a) - gold(b)) / tau), computed here by hand for each pair."""
+    import math
+
+    from world import LABELLER_BIASES
+
+    tmp, world = tiny_sft
+    zeros = ["--b-agree", 0, "--b-refuse", 0, "--b-len", 0]
+    assert run_here(monkeypatch, capsys, sample_args(tmp, "zero") + zeros).returncode == 0
+    assert run_here(monkeypatch, capsys, sample_args(tmp, "long") + ["--b-len", 3]).returncode == 0
+    pairs = common.read_jsonl(tmp / "zero" / "pairs.jsonl")
+    assert common.read_jsonl(tmp / "long" / "pairs.jsonl") == pairs  # the same samples: only the labels differ
+
+    def chosen(out):
+        return {r["pair_id"]: r["chosen"] for r in common.read_jsonl(tmp / out / "preferences.jsonl")}
+
+    unbiased, long = {}, {}
+    for p in pairs:
+        gap = world.gold_score(p["prompt"], p["a"]) - world.gold_score(p["prompt"], p["b"])
+        rng = random.Random(1337 * 1_000_003 + p["pair_id"])  # feedback.py's generator of this pair (--seed 1337)
+        unbiased[p["pair_id"]] = p["a"] if rng.random() < 1 / (1 + math.exp(-gap / 0.5)) else p["b"]
+        rng = random.Random(1337 * 1_000_003 + p["pair_id"])
+        a_wins = world.label(p["prompt"], p["a"], p["b"], 0.5, rng, **{**LABELLER_BIASES, "b_len": 3.0})
+        long[p["pair_id"]] = p["a"] if a_wins else p["b"]
+    assert chosen("zero") == unbiased
+    assert chosen("long") == long and long != unbiased  # the flags reach the labeller
+    metas = {out: json.loads((tmp / out / "meta.json").read_text()) for out in ("zero", "long")}
+    assert metas["zero"]["simulated_labeller"] == {"tau": 0.5, "b_agree": 0.0, "b_refuse": 0.0, "b_len": 0.0}
+    assert metas["long"]["simulated_labeller"] == {"tau": 0.5, **LABELLER_BIASES, "b_len": 3.0}
+    assert {k: feedback_parser.get_default(k) for k in LABELLER_BIASES} == LABELLER_BIASES  # default: mild biases
+    # Resuming a labelled folder with another labeller would mix two labellers in one file: refused.
+    r = run_here(monkeypatch, capsys, sample_args(tmp, "zero") + ["--b-len", 1, "--resume"])
+    assert r.returncode == 2 and "--b-agree 0, --b-refuse 0, --b-len 0" in r.stderr
+    r = run_here(monkeypatch, capsys, sample_args(tmp, "bad") + ["--b-agree", "nan"])
+    assert r.returncode == 2 and "--b-agree must be a finite number, got nan" in r.stderr

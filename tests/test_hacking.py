@@ -48,7 +48,7 @@ def test_sweep_writes_curves_figures_and_samples(stages, prefs):
     d = stages
     cmd = [sys.executable, str(ROOT / "hacking.py"), "--init", str(d / "sft"), "--reward", str(d / "reward"),
            "--preferences", str(prefs), "--data", str(d / "data" / "prompts.jsonl"),
-           "--eval-data", str(d / "data" / "eval_prompts.jsonl"), "--out", str(d / "hack"),
+           "--eval-data", str(d / "data" / "val_prompts.jsonl"), "--out", str(d / "hack"),
            "--kl-coefs", "0,1", "--steps", "2", "--eval-every", "1", "--eval-prompts", "4", "--max-new-tokens", "5",
            "--best-of", "4", "--dpo-betas", "0.5", "--dpo-steps", "2", "--show", "2", "--kernels", "torch",
            "--ppo-args", "--batch-size 4 --minibatch-size 2 --ppo-epochs 1", "--dpo-args", "--batch-size 4"]
@@ -78,7 +78,7 @@ def test_sweep_writes_curves_figures_and_samples(stages, prefs):
 
 def test_bad_flags_stop_with_one_clear_line(stages):
     cmd = [sys.executable, str(ROOT / "hacking.py"), "--init", str(stages / "sft"), "--reward", str(stages / "reward"),
-           "--eval-data", str(stages / "data" / "eval_prompts.jsonl"), "--out", str(stages / "bad")]
+           "--eval-data", str(stages / "data" / "val_prompts.jsonl"), "--out", str(stages / "bad")]
     for extra, message in ((["--kl-coefs", "0,abc"], "--kl-coefs"), (["--reward", str(stages / "sft")], "--reward")):
         result = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -1,9 +1,13 @@
-"""pipeline.py: stages chained at the --quick size; a Ctrl-C in a stage stops the job with the resume command."""
+"""pipeline.py: stages chained at the --quick size; a Ctrl-C in a stage stops the job with the resume command;
+the resumed job runs to the end, training on the train files, evaluating on validation, the table on test."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -17,20 +21,49 @@ def run_pipeline(out, *extra, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def test_ctrl_c_in_a_stage_stops_the_job_and_resume_finishes_it(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def interrupted_then_finished(tmp_path_factory):
+    """A --quick run stopped by a Ctrl-C in pretraining, then resumed to the end (the plots aside)."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
     # the stage's own Ctrl-C path (a test hook sends SIGINT at the end of step 12 of pretraining's 30)
     first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_TEST_FAULT": "SIGINT@step=12"})
+    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,dpo,evaluate")
+    return out, first, second
+
+
+def test_ctrl_c_in_a_stage_stops_the_job_and_resume_finishes_it(interrupted_then_finished):
+    out, first, second = interrupted_then_finished
     assert first.returncode == 130, first.stdout[-2000:] + first.stderr[-2000:]
     assert "interrupted in stage 'pretrain'" in first.stderr
     assert "python pipeline.py --from pretrain --quick --resume" in first.stderr
-    assert [r["step"] for r in common.read_metrics(out / "pretrain" / "metrics.jsonl")][-1] == 12
-    second = run_pipeline(out, "--from", "pretrain", "--only", "pretrain", "--resume")
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout
     steps = [r["step"] for r in common.read_metrics(out / "pretrain" / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # every step once, to the end
+    assert 12 in steps and steps == sorted(set(steps)) and steps[-1] == 30  # every step once, to the end
     assert (out / "report.md").exists() and "pretrain" in (out / "report.md").read_text()
+
+
+def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_test(interrupted_then_finished):
+    out, _, second = interrupted_then_finished
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    data = out / "data"
+    args = {stage: json.loads((out / stage / "meta.json").read_text())["args"]
+            for stage in ("sft", "feedback", "reward", "ppo", "dpo")}
+    assert args["sft"]["data"] == str(data / "sft.jsonl")
+    assert args["feedback"]["data"] == args["ppo"]["data"] == str(data / "prompts.jsonl")
+    assert args["reward"]["data"] == args["dpo"]["data"] == str(out / "feedback" / "preferences.jsonl")
+    for stage in ("sft", "ppo", "dpo"):  # periodic evaluations: the validation split
+        assert args[stage]["eval_data"] == str(data / "val_prompts.jsonl"), stage
+        logged = [r for r in common.read_metrics(out / stage / "metrics.jsonl") if "eval/gold_reward" in r]
+        assert logged and all(any(k.startswith("eval/gold_held_out_") for k in r) for r in logged), stage
+    assert not (data / "eval_prompts.jsonl").exists()
+    md = (out / "eval" / "results.md").read_text()  # the final table: the test split, named in its header
+    assert md.startswith(f"Evaluation on 32 prompts of {data / 'test_prompts.jsonl'} (split: test;")
+    assert "| over-refuses look-alikes | sycophancy |" in md and "train-like: fresh (n = " in md
+    results = json.loads((out / "eval" / "results.json").read_text())
+    for key in ("name", "gold_reward", "gold_reward_se", "win_rate_vs_sft", "kl_to_sft", "proxy_score", "length",
+                "sycophancy_rate", "over_refusal_rate_lookalike", "refusal_rate_unsafe", "gold_held_out_fresh_se"):
+        assert all(key in r for r in results), key
 
 
 def test_an_unknown_stage_is_one_clear_line(tmp_path):

@@ -321,7 +321,7 @@ def stages(tmp_path_factory):
 
 def run_ppo(d, out, *extra, env=None):
     cmd = [sys.executable, str(ROOT / "ppo.py"), "--init", str(d / "sft"), "--reward", str(d / "reward"),
-           "--data", str(d / "data" / "prompts.jsonl"), "--eval-data", str(d / "data" / "eval_prompts.jsonl"),
+           "--data", str(d / "data" / "prompts.jsonl"), "--eval-data", str(d / "data" / "val_prompts.jsonl"),
            "--out", str(out), "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "5",
            "--ppo-epochs", "2", "--eval-prompts", "4", "--eval-every", "2", "--sample-every", "2", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -370,7 +370,7 @@ def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
 
 def ppo_argv(d, out, *extra):
     return ["ppo.py", "--init", d / "sft", "--reward", d / "reward", "--data", d / "data" / "prompts.jsonl",
-            "--eval-data", d / "data" / "eval_prompts.jsonl", "--out", out, "--batch-size", 4, "--minibatch-size", 2,
+            "--eval-data", d / "data" / "val_prompts.jsonl", "--out", out, "--batch-size", 4, "--minibatch-size", 2,
             "--max-new-tokens", 5, "--ppo-epochs", 2, "--eval-prompts", 4, "--eval-every", 2, "--sample-every", 2,
             "--steps", 4, "--kernels", "torch", "--kl-estimator", "full", *extra]
 

@@ -163,12 +163,32 @@ def run_here(monkeypatch, script, *args):
 
 
 def reward_args(tmp, out, *extra):
-    return ["reward.py", "--init", tmp / "sft", "--data", tmp / "feedback" / "preferences.jsonl", "--out", tmp / out,
+    return ["reward.py", "--init", tmp / "sft", "--data", tmp / "preferences_and_ideals.jsonl", "--out", tmp / out,
             "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--val-fraction", 0.25, *extra]
 
 
 @pytest.fixture(scope="module")
-def reward_run(chain):
+def chain_preferences(chain):
+    """The chain's feedback file plus, for each of its prompts, the ideal answer against one of its SFT
+    samples. A 3-step SFT model's answers are garbage that the judge mostly scores alike, so without
+    these the held-out pairs may all tie on gold and reward/acc_gold would have nothing to measure."""
+    from world import load_world
+
+    tmp, _ = chain
+    world = load_world(tmp / "data")
+    prefs = common.read_jsonl(tmp / "feedback" / "preferences.jsonl")
+    sample = {}
+    for r in prefs:
+        sample.setdefault(r["prompt"], r["rejected"])
+    ideals = [{"prompt": p, "chosen": world.ideal_response(p), "rejected": a, "gold_chosen": world.gold_score(
+               p, world.ideal_response(p)), "gold_rejected": world.gold_score(p, a)} for p, a in sample.items()]
+    assert all(r["gold_chosen"] != r["gold_rejected"] for r in ideals)
+    common.atomic_write_jsonl(tmp / "preferences_and_ideals.jsonl", prefs + ideals)
+    return tmp / "preferences_and_ideals.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reward_run(chain, chain_preferences):
     """The chain's reward model, trained in its own process: tmp/reward."""
     tmp, run = chain
     run(*reward_args(tmp, "reward"))
@@ -187,11 +207,11 @@ def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
     for key in ("val/loss", "val/acc_label", "reward/acc_gold", "reward/label_acc_gold", "reward/gold_corr"):
         assert key in rows[1] and key in meta["final"]
     assert 0 <= meta["final"]["reward/acc_gold"] <= 1
-    # Normalised: the feedback file's responses (the SFT samples) now score 0 on average,
+    # Normalised: the preference file's responses (mostly SFT samples) now score 0 on average,
     # recomputed here one response at a time through the saved checkpoint.
     model, enc, _ = common.load_scalar_model(tmp / "reward", "cpu")
     from tokenizer import encode_prompt, encode_response
-    prefs = common.read_jsonl(tmp / "feedback" / "preferences.jsonl")
+    prefs = common.read_jsonl(tmp / "preferences_and_ideals.jsonl")  # what it was trained on
     texts = {(r["prompt"], r[k]) for r in prefs for k in ("chosen", "rejected")}
     with torch.no_grad():
         scores = [model.score(torch.tensor([encode_prompt(enc, p) + encode_response(enc, t)]),

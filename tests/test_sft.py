@@ -176,12 +176,13 @@ def tiny(tmp_path_factory):
         p = world.sample_prompt(rng)
         demos.append({**p, "response": world.demonstrate(p["prompt"], rng)})
     common.atomic_write_jsonl(tmp / "data" / "sft.jsonl", demos)
-    common.atomic_write_jsonl(tmp / "data" / "eval_prompts.jsonl", [world.sample_prompt(rng) for _ in range(12)])
+    val = [world.sample_prompt(rng, split="val") for _ in range(12)]
+    common.atomic_write_jsonl(tmp / "data" / "val_prompts.jsonl", val)
     common.atomic_write_json(tmp / "data" / "world.json", world.to_json())
 
     def args(out, *extra):
         return ["sft.py", "--init", tmp / "pre", "--data", tmp / "data" / "sft.jsonl", "--eval-data",
-                tmp / "data" / "eval_prompts.jsonl", "--out", tmp / out, "--steps", 6, "--batch-size", 16, "--lr",
+                tmp / "data" / "val_prompts.jsonl", "--out", tmp / out, "--steps", 6, "--batch-size", 16, "--lr",
                 1e-2, "--warmup-steps", 2, "--eval-every", 2, "--eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu",
                 *extra]
 
