@@ -102,6 +102,9 @@ def load_preferences(path, flag="--data"):
                            f"or HH's {{\"chosen\",\"rejected\"}})")
             if not isinstance(row[key], str):
                 common.die(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+        for key in ("chosen_ended", "rejected_ended"):  # optional (feedback.py writes them)
+            if key in row and not isinstance(row[key], bool):
+                common.die(f"{where}: field '{key}' must be true or false, got {row[key]!r}")
         if "prompt" not in row:
             prompt, chosen = split_hh(row["chosen"], where, "chosen")
             prompt_r, rejected = split_hh(row["rejected"], where, "rejected")
@@ -114,13 +117,15 @@ def load_preferences(path, flag="--data"):
 
 
 def tokenize_pairs(enc, rows, block_size):
-    """Token ids of each pair in the chat template: {"prompt", "chosen", "rejected"} (each response
-    ending in <|end|>) and its "row"; pairs whose longer answer does not fit the context are skipped.
-    dpo.py tokenizes its pairs through this function too."""
+    """Token ids of each pair in the chat template: {"prompt", "chosen", "rejected"} and its "row"; each
+    response ends in <|end|> unless its row says it never ended ("chosen_ended" / "rejected_ended"
+    false, from feedback.py: an answer cut at --max-new-tokens is trained as the policy wrote it, with
+    no end token it never sampled). Pairs whose longer answer does not fit the context are skipped. dpo.py tokenizes its pairs through this function too."""
     pairs = []
     for r in rows:
-        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]), encode_response(enc, r["chosen"]),
-                                    encode_response(enc, r["rejected"]))
+        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]),
+                                    encode_response(enc, r["chosen"], end=r.get("chosen_ended", True)),
+                                    encode_response(enc, r["rejected"], end=r.get("rejected_ended", True)))
         if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": r})
     return pairs

@@ -118,6 +118,25 @@ def test_load_preferences_reads_trl_and_hh_layouts(tmp_path):
     assert rows[0]["gold_chosen"] == 1.0  # other fields are kept
 
 
+def test_an_answer_that_never_ended_is_encoded_without_the_end_token():
+    """feedback.py's chosen_ended / rejected_ended: the reward model and DPO train on what the policy
+    wrote, so an answer cut at --max-new-tokens gets no <|end|> it never sampled; rows without the
+    flags (TRL, HH) end as before."""
+    from reward import tokenize_pairs
+    from tokenizer import encode_prompt, encode_response, special_id, train_bpe
+
+    enc = train_bpe("The feelt eats berries. Happy to help! " * 50, 280)
+    end = special_id(enc, "<|end|>")
+    rows = [{"prompt": "Hi!", "chosen": "Happy to help!", "rejected": "The feelt eats", "chosen_ended": True,
+             "rejected_ended": False},
+            {"prompt": "Hi!", "chosen": "The feelt eats", "rejected": "Happy to help!"}]
+    a, b = tokenize_pairs(enc, rows, block_size=64)
+    assert a["chosen"] == encode_response(enc, "Happy to help!") and a["chosen"][-1] == end
+    assert a["rejected"] == encode_response(enc, "The feelt eats", end=False) and end not in a["rejected"]
+    assert b["chosen"][-1] == end and b["rejected"][-1] == end
+    assert a["prompt"] == encode_prompt(enc, "Hi!")
+
+
 @pytest.mark.parametrize("bad_line, expected", [
     ('{"prompt": "Hi!", "chosen": "Hello!"}', "missing field 'rejected'"),
     ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!"}', "missing field 'rejected'"),
@@ -126,6 +145,8 @@ def test_load_preferences_reads_trl_and_hh_layouts(tmp_path):
     ('{"chosen": "Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Ugh."}', "'chosen' has no"),
     ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Yo\\n\\nAssistant: Ugh."}',
      "do not share"),
+    ('{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh.", "rejected_ended": "no"}',
+     "'rejected_ended' must be true or false"),
 ])
 def test_load_preferences_errors_name_file_and_line(tmp_path, bad_line, expected):
     path = write(tmp_path / "bad.jsonl", [{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh."}, bad_line])
