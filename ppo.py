@@ -78,9 +78,7 @@ reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
         --max-new-tokens 64                     # 4 GPUs: 256 episodes each, minibatches of 64 each
 """
 
-import argparse
 import contextlib
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,7 +86,7 @@ import torch
 
 import common
 import kernels
-from evaluate import policy_eval
+from evaluate import MISSING_END_PENALTY, penalise_unfinished, penalty_value, policy_eval
 from model import last_token_index, left_pad
 from sampling import encode_prompts, response_logprobs, token_logprobs
 from tokenizer import decode_response, special_id
@@ -96,14 +94,6 @@ from world import load_world
 
 # -----------------------------------------------------------------------------
 # Config
-
-
-def penalty_value(s):
-    """--missing-end-penalty: a finite number, or 'none'."""
-    value = None if s.lower() == "none" else float(s)
-    if value is not None and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number or none, got {value}")
-    return value
 
 
 unit_interval = common.number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1")  # --gamma, --lam
@@ -119,7 +109,7 @@ g.add_argument("--batch-size", type=common.positive_int, default=64,
 g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="longest response; longer ones are cut")
 g.add_argument("--temperature", type=common.positive_float, default=1.0,
                help="sampling temperature, also used to score log-probs")
-g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
+g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
 # 0.3, above the usual 0.05-0.2: a short leash for a reward model this easy to fool. What looser ones
@@ -318,9 +308,8 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P + R)
         attention_mask = torch.cat([query_mask, mask], dim=1)
         # 3. score at the last real token; a response that never ended gets the fixed penalty
-        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
-        if args.missing_end_penalty is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, args.missing_end_penalty))
+        scores = penalise_unfinished(reward_model.score(query_responses, attention_mask).float(), ended,
+                                     args.missing_end_penalty)  # (B,): the proxy score, as evaluate.py reports it
         # 4. log-probs of the sampled tokens under the policy and the reference, same temperature
         logprobs, entropy, logits = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
         ref_logprobs, _, ref_logits = response_logprobs(ref_policy, query_responses, attention_mask, P,
@@ -463,7 +452,7 @@ if __name__ == "__main__":
 
     def evaluate():
         return policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
-                           args.seed, world, reward_model)
+                           args.seed, world, reward_model, args.missing_end_penalty, per_prompt=True)
 
     # -- the loop --------------------------------------------------------------
     show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
@@ -504,7 +493,7 @@ if __name__ == "__main__":
                       f"kl {seq_kl[i].item():+.2f}{gold}")
 
     # -- final save (the last step's metrics and evaluation): rank 0 alone -------------------
-    final = {k: v for k, v in metrics.items() if k != "episodes"}
+    final = {k: v for k, v in metrics.items() if k not in ("episodes", "eval/gold_per_prompt")}
     save(args.steps, final)
     if "eval/gold_reward" in final:
         print(f"eval/gold_reward {final['eval/gold_reward']:.3f} ± {final['eval/gold_reward_se']:.3f} "

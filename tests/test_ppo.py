@@ -394,7 +394,10 @@ def test_a_run_logs_the_sft_model_at_step_0_then_every_step_and_prints_what_it_l
             assert f"{key} {row[key]:.4g} |" in printed[str(row["step"])], (row["step"], key)
     meta = json.loads((stages / "straight" / "meta.json").read_text())
     assert meta["stage"] == "ppo" and meta["step"] == 4
-    assert meta["final"] == {k: v for k, v in rows[-1].items() if k not in ("step", "episodes")}
+    assert meta["final"] == {k: v for k, v in rows[-1].items() if k not in ("step", "episodes", "eval/gold_per_prompt")}
+    # each evaluation also logs every prompt's gold score (hacking.py's verdict pairs them across steps)
+    assert len(rows[2]["eval/gold_per_prompt"]) == 4
+    assert sum(rows[2]["eval/gold_per_prompt"]) / 4 == pytest.approx(rows[2]["eval/gold_reward"])
 
 
 def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):
