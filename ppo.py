@@ -48,10 +48,11 @@ Preferences"), Stiennon et al. 2020 ("Learning to summarize from human feedback"
 lm-human-preferences code (whose details cleanrl's lm-human-preference-details reproduces):
 - The reward model is trained once, offline, on comparisons of SFT samples (reward.py); Ziegler et
   al. also collected new labels online while PPO ran.
-- The reward model's gain and bias are set once in reward.py, after its training, so that fresh SFT
-  samples of train prompts score mean 0 and standard deviation 1 (meta.json "reward_norm"; they are
-  folded into the head, so reward_model.score() below is already the normalised score). The original
-  normalises the same way, on samples of the policy PPO starts from.
+- The reward model's gain and bias are set once in reward.py, after its training, so that the reward
+  this file gives fresh SFT answers to train prompts (the score, or --missing-end-penalty for an
+  answer that never ended) has mean 0 and standard deviation 1 (--reward's meta.json, "reward_norm";
+  they are folded into the head, so reward_model.score() in step 3 is already normalised). The
+  original normalises the same way, on samples of the policy PPO starts from, but before its penalty.
 - Answers stop at the <|end|> token; the original samples a fixed length, cuts it after a chosen
   token (e.g. ".") and pads the rest. A response that never ends gets a fixed score
   (--missing-end-penalty), as there; every proxy score this project reports does the same
@@ -118,7 +119,8 @@ g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,
                help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
                help="k1 = log(pi/pi_sft) in the reward; k3 = r - 1 - log r (r = pi_sft/pi) or full = the "
-                    "exact KL over the vocabulary, each as a loss term (the docstring says which gradient each follows)")
+                    "exact KL over the vocabulary, each as a loss term (the docstring says which gradient each "
+                    "follows)")
 g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
 g.add_argument("--target-kl", type=common.positive_float, default=1.5,
                help="target sequence KL (nats) of the adaptive controller")
@@ -347,7 +349,7 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
             qr, am, mask = batch["query_responses"][mb], batch["attention_mask"][mb], batch["mask"][mb]
             with amp():
                 logits = policy(qr, am)[:, P - 1 : -1]  # (b, R, V): the logits that predicted the response tokens
-                k3 = args.kl_estimator == "k3"  # k3's loss term kl_coef * mean_t (r - 1 - log r), fused with the surrogate
+                k3 = args.kl_estimator == "k3"  # k3's loss term kl_coef * mean_t (r - 1 - log r), fused with pg
                 pi_loss, pg_stats = policy_loss(logits, batch["responses"][mb], batch["logprobs"][mb],
                                                 batch["advantages"][mb], mask, clip_coef=args.clip_coef,
                                                 temperature=args.temperature, ent_coef=args.ent_coef,
@@ -410,10 +412,15 @@ if __name__ == "__main__":
     # -- models: the policy and its frozen reference (both SFT), the reward model and the value model
     policy, enc, init_meta = common.load_policy(args.init, device)
     ref_policy, _, _ = common.load_policy(args.init, device)
-    reward_model, rm_enc, _ = common.load_scalar_model(args.reward, device)
+    reward_model, rm_enc, rm_meta = common.load_scalar_model(args.reward, device)
     value_model, _, _ = common.load_scalar_model(args.reward, device)
     if rm_enc.n_vocab != enc.n_vocab or rm_enc.encode(rows[0]["prompt"]) != enc.encode(rows[0]["prompt"]):
         common.die(f"--reward {args.reward}: its tokenizer differs from the policy's (--init {args.init})")
+    norm = rm_meta.get("reward_norm") or {}  # reward.py's normalisation: mean 0, std 1 on SFT answers, as scored here
+    if norm and norm.get("missing_end_penalty") != args.missing_end_penalty:
+        print(f"note: --reward {args.reward} was normalised with a missing-end penalty of "
+              f"{norm.get('missing_end_penalty')}, this run uses {args.missing_end_penalty}: SFT answers will not "
+              f"score mean 0, std 1")
     for m in (ref_policy, reward_model):
         m.requires_grad_(False)
     reward_model.eval()
