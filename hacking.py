@@ -265,7 +265,8 @@ if __name__ == "__main__":
     if any(c < 0 for c in kl_coefs) or any(b <= 0 for b in betas):
         common.die("--kl-coefs must be >= 0 and --dpo-betas > 0")
     if args.eval_prompts < 4:
-        common.die("--eval-prompts must be at least 4: the verdict chooses the peak on half of them, measures on the rest")
+        common.die("--eval-prompts must be at least 4: the verdict chooses the peak on half of them, "
+                   "measures on the rest")
     world = load_world(Path(args.eval_data).parent)
     if world is None:
         common.die(f"--eval-data {args.eval_data}: not written by world.py; reward hacking needs the gold judge")
@@ -313,8 +314,8 @@ if __name__ == "__main__":
         common.die(f"{run_dir}: trained before ppo.py logged eval/gold_per_prompt; delete it and run hacking.py again")
     v = verdict = overoptimisation(ppo_curves[f"kl_coef {weakest:g}"])
     print(f"\nkl_coef {weakest:g}: the gold score peaked at step {v['peak_step']} (chosen on {v['prompts_select']} "
-          f"held-out prompts: {v['peak_gold_select']:+.3f}). On the other {v['prompts_measure']}: {v['peak_gold']:+.3f} "
-          f"there, {v['last_gold']:+.3f} at step {v['last_step']}, a fall of {v['gold_drop']:+.3f} ± "
+          f"held-out prompts: {v['peak_gold_select']:+.3f}). On the other {v['prompts_measure']}: "
+          f"{v['peak_gold']:+.3f} there, {v['last_gold']:+.3f} at step {v['last_step']}, a fall of {v['gold_drop']:+.3f} ± "
           f"{v['gold_drop_se']:.3f} ({v['gold_drop_z']:.1f} s.e. of the paired differences); proxy "
           f"{v['peak_proxy']:+.3f} -> {v['last_proxy']:+.3f}, KL {v['peak_kl']:.2f} -> {v['last_kl']:.2f}")
     print("reward hacking: " + ("YES, the proxy went up while the gold score fell "

@@ -295,6 +295,10 @@ if __name__ == "__main__":
 
     # -- data ------------------------------------------------------------------
     rows = load_preferences(args.data)  # read first: a bad line stops the run before anything is loaded
+    norm_prompts = None  # the train prompts of the normalisation (read now: a bad line stops before training)
+    if args.norm_samples and Path(args.norm_data).exists():
+        norm_prompts = [r["prompt"] for r in common.read_jsonl(args.norm_data, required=("prompt",),
+                                                               flag="--norm-data")]
 
     # -- model: the SFT trunk with a fresh scalar head -----------------------------
     gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage="sft")
@@ -365,10 +369,7 @@ if __name__ == "__main__":
     norm = None
     if args.norm_samples:
         sft, _, _ = common.load_policy(args.init, device, expect_stage="sft")
-        if Path(args.norm_data).exists():
-            norm_prompts = [r["prompt"] for r in common.read_jsonl(args.norm_data, required=("prompt",),
-                                                                   flag="--norm-data")]
-        else:
+        if norm_prompts is None:
             print(f"note: --norm-data {args.norm_data} not found: normalising on the prompts of the training pairs")
             norm_prompts = [p["row"]["prompt"] for p in train_pairs]
         room = config.block_size - args.norm_max_new_tokens  # prompts that leave room for the answer
