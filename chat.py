@@ -10,8 +10,9 @@ prompts only: a conversation history would be text the model has never seen.
 
 With --compare each answer is scored twice: by the gold judge of the tiny world (what our simulated
 humans want; world.json in --data, skipped with a note for other data) and by the learned reward
-model (--reward, the proxy PPO optimised). A gap between the two, proxy up and gold down, is
-reward hacking seen one answer at a time.
+model (--reward, the proxy PPO optimised, as PPO scores it: an answer cut off before <|end|> gets
+PPO's default missing-end penalty). A gap between the two, proxy up and gold down, is reward hacking
+seen one answer at a time.
 
 A pretrain checkpoint answers too, but it never saw the chat template: expect it to ramble.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 import common
+from evaluate import MISSING_END_PENALTY
 from reward import collate
 from sampling import sample_responses
 from tokenizer import encode_prompt, encode_response
@@ -33,7 +35,8 @@ g.add_argument("--ckpt", default="out/ppo", help="a stage folder with model.pt a
 g.add_argument("--compare", nargs="+", metavar="DIR", help="several stage folders: each answers the same prompt")
 g.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
 g = parser.add_argument_group("sampling")
-g.add_argument("--temperature", type=common.nonnegative_float, default=0.7, help="0 = greedy (PPO samples at 0.7)")
+g.add_argument("--temperature", type=common.nonnegative_float, default=0.7,
+               help="0 = greedy (ppo.py samples at its own --temperature, 1.0 by default)")
 g.add_argument("--top-p", type=common.number(float, lambda p: 0 < p <= 1, "must be in (0, 1]"), default=1.0,
                help="nucleus sampling: keep tokens up to this probability mass")
 g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
@@ -46,14 +49,18 @@ g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mp
 
 
 @torch.no_grad()
-def proxy_scores(reward_model, enc, prompt, texts, device):
-    """Reward-model score of each (prompt, text <|end|>), in one right-padded batch: (N,) floats.
-
-    Right padding with the mask at 0 on the pads; ScalarModel.score reads each row at its last real
-    token. An answer that does not fit in the context gets None.
+def proxy_scores(reward_model, enc, prompt, texts, device, ended=None, missing_end_penalty=MISSING_END_PENALTY):
+    """Proxy score of each answer, as PPO scores it, in one right-padded batch: (N,) floats. The reward
+    model reads (prompt, text <|end|>) at its last real token (right padding, the mask at 0 on the pads);
+    an answer that never ended (ended[i] False) gets missing_end_penalty instead (None: the reward
+    model's score of the text without <|end|>). An answer that does not fit in the context gets None.
     """
     block = reward_model.config.block_size
-    seqs = [encode_prompt(enc, prompt) + encode_response(enc, t) for t in texts]
+    ended = [True] * len(texts) if ended is None else ended
+    if missing_end_penalty is not None and not all(ended):
+        scores = iter(proxy_scores(reward_model, enc, prompt, [t for t, e in zip(texts, ended) if e], device))
+        return [next(scores) if e else missing_end_penalty for e in ended]
+    seqs = [encode_prompt(enc, prompt) + encode_response(enc, t, end=e) for t, e in zip(texts, ended)]
     fits = [len(s) <= block for s in seqs]
     kept = [s for s, ok in zip(seqs, fits) if ok]
     if not kept:
@@ -90,8 +97,8 @@ def show(models, prompt, args, device, dtype, turn, world, reward):
         print(f"assistant> {r['text'].strip()}" + ("" if r["ended"] else "  [no <|end|>: cut at --max-new-tokens]"),
               flush=True)
         return results
-    texts = [r["text"] for r in results.values()]
-    proxies = proxy_scores(reward[0], reward[1], prompt, texts, device) if reward else [None] * len(texts)
+    texts, ended = [r["text"] for r in results.values()], [r["ended"] for r in results.values()]
+    proxies = proxy_scores(reward[0], reward[1], prompt, texts, device, ended) if reward else [None] * len(texts)
     width = max(map(len, results))
     for (name, r), proxy in zip(results.items(), proxies):
         scores = []

@@ -8,7 +8,9 @@ tuning ever reads), one sample each at the same temperature and seed, and we rep
                        baseline's (SFT, --baseline); ties count half
     kl_to_sft          mean over the model's own samples of sum_t [log pi(y_t) - log pi_sft(y_t)],
                        in nats per answer, both at the sampling temperature
-    proxy_score        mean score of the learned reward model, the thing PPO optimised
+    proxy_score        mean of the reward as PPO sees it, the thing PPO optimised: the learned reward
+                       model's (normalised) score, or --missing-end-penalty for an answer that never
+                       emitted <|end|> (proxy_scores; ppo.py, hacking.py and best-of-n use the same)
     length             mean words per answer
     failure modes      refusal rate on unsafe requests, over-refusal rate on benign requests and on
                        the harmless look-alikes of unsafe ones, sycophancy rate on belief prompts
@@ -19,11 +21,21 @@ tuning ever reads), one sample each at the same temperature and seed, and we rep
                        used: "phrasing"): what RLHF taught, against what carries over
     per family         gold ± se and correctness per prompt family
 
-plus best-of-n of the baseline for n = 1, 2, 4, ... --best-of: sample --best-of answers per prompt
-once, and for each n keep the one of the first n that the reward model scores highest. It needs no
-training, and its KL to the baseline is known in closed form, log n - (n - 1) / n (exact when the
-n scores are distinct, an upper bound otherwise; Beirami et al. 2024), which places the trained
-policies on a gold-reward-versus-KL curve (Gao et al. 2022 plot the same).
+plus best-of-n of the baseline for n = 1, 2, 4, ... --best-of: sample K = --best-of answers per
+prompt once, and for each n keep the one of the first n with the highest proxy score. It needs no
+training. Its KL to the baseline is NOT log n - (n - 1) / n: that is an upper bound (Beirami et al.
+2024, "Theoretical guarantees on the best-of-n alignment policy"), reached only when answers never
+repeat and never tie, and far above the truth when they do (short answers repeat often here). We
+estimate it (best_of_n_kl) from the K samples of each prompt: over their empirical distribution
+(each sample 1/K, ties broken uniformly at random), best-of-n chooses the g-th lowest group of equal
+scores with probability F_g^n - F_(g-1)^n, F_g the share of samples scoring at most its score, so
+
+    KL_estimate = mean over prompts of  sum_g (F_g^n - F_(g-1)^n) log[(F_g^n - F_(g-1)^n) / (F_g - F_(g-1))]
+
+which converges to the true KL as K grows (tests/test_evaluate.py checks it against the exact KL of a
+known categorical, with ties, and against the bound, which it never exceeds). results.json keeps
+the bound beside it (kl_to_sft_bound). This places the trained policies on a gold-reward-versus-KL
+curve (Gao et al. 2022 plot the same).
 
 The table's header names the split of its prompts. Prompts that also occur in the training files
 beside them (prompts.jsonl, sft.jsonl) or given with --train-data get a one-line warning: figures on
@@ -38,6 +50,7 @@ or the rates.
     python evaluate.py out/sft out/ppo --data data/val_prompts.jsonl      # while tuning: validation
 """
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -50,12 +63,25 @@ from tokenizer import encode_prompt
 from world import FAMILIES, load_world
 
 power_of_2_or_0 = common.number(int, lambda n: n >= 0 and not n & (n - 1), "must be 0 or a power of 2")  # --best-of
+MISSING_END_PENALTY = -1.0  # the proxy score of an answer that never ended: ppo.py's default, used everywhere
+
+
+def penalty_value(s):
+    """--missing-end-penalty: a finite number, or 'none' (ppo.py, evaluate.py, hacking.py)."""
+    value = None if s.lower() == "none" else float(s)
+    if value is not None and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number or none, got {value}")
+    return value
+
 
 parser = common.ArgumentParser(description="Gold reward, win rate vs SFT, KL to SFT, proxy score, best-of-n")
 parser.add_argument("models", nargs="+", help="GPT checkpoint folders to evaluate (sft, ppo, dpo, ...)")
 g = parser.add_argument_group("what to compare")
 g.add_argument("--baseline", default="out/sft", help="the reference for win rate, KL and best-of-n")
 g.add_argument("--reward", default="out/reward", help="the learned reward model (proxy score, best-of-n)")
+g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
+               help="proxy score of an answer that never emits <|end|>, as ppo.py (its default; 'none': the "
+                    "reward model's score)")
 g.add_argument("--data", default="data/test_prompts.jsonl", help="test prompts (JSONL with 'prompt')")
 g.add_argument("--train-data", action="append", default=None, metavar="PATH",
                help="a training file (JSONL with 'prompt' or 'messages') whose prompts --data should not repeat: "
@@ -169,28 +195,46 @@ def sequence_kl(policy, ref, enc, prompts, responses, device, temperature=1.0, b
     return torch.cat(out)
 
 
+def penalise_unfinished(scores, ended, missing_end_penalty=MISSING_END_PENALTY):
+    """The reward as PPO sees it: the reward model's score where the answer ended, the fixed
+    missing_end_penalty where it ran out of tokens first (None: the reward model's score everywhere)."""
+    if missing_end_penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, missing_end_penalty))
+
+
 @torch.no_grad()
-def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200):
-    """(N,) learned reward-model score of each answer (read at its last token)."""
+def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200,
+                 missing_end_penalty=MISSING_END_PENALTY):
+    """(N,) the proxy score of each answer, as PPO scores it: the learned reward model read at the
+    answer's last token, or missing_end_penalty for an answer that never ended (responses: sample
+    dicts; one without "ended" counts as ended)."""
     reward_model.eval()
-    return torch.cat([reward_model.score(idx.to(device), mask.to(device)).float().cpu()
-                      for idx, mask, _ in answer_batches(enc, prompts, responses, batch_size)])
+    scores = torch.cat([reward_model.score(idx.to(device), mask.to(device)).float().cpu()
+                        for idx, mask, _ in answer_batches(enc, prompts, responses, batch_size)])
+    ended = torch.tensor([r.get("ended", True) for r in responses], dtype=torch.bool)
+    return penalise_unfinished(scores, ended, missing_end_penalty)
 
 
 @torch.no_grad()
-def policy_eval(policy, ref, enc, rows, device, max_new_tokens, temperature, seed, world=None, reward_model=None):
+def policy_eval(policy, ref, enc, rows, device, max_new_tokens, temperature, seed, world=None, reward_model=None,
+                missing_end_penalty=MISSING_END_PENALTY, per_prompt=False):
     """The eval/* metrics of a policy during training (ppo.py, dpo.py), on its own samples of the
-    held-out prompts: eval/kl_to_sft (sequence_kl), eval/proxy_score (the reward model's mean score),
-    eval/gold_* (gold_summary). The same seed at every call (common random numbers), so a curve's
-    wiggles are the policy's, not the sampler's."""
+    held-out prompts: eval/kl_to_sft (sequence_kl), eval/proxy_score (the mean proxy score, as PPO
+    scores it: proxy_scores), eval/gold_* (gold_summary), and with per_prompt eval/gold_per_prompt (the
+    list of each prompt's gold score, in order: hacking.py's verdict pairs them across steps). The same
+    seed at every call (common random numbers), so a curve's wiggles are the policy's, not the sampler's."""
     prompts = [r["prompt"] for r in rows]
     responses = sample_responses(policy, enc, prompts, device, max_new_tokens, temperature,
                                  generator=torch.Generator(device).manual_seed(seed))
     out = {"eval/kl_to_sft": sequence_kl(policy, ref, enc, prompts, responses, device, temperature).mean().item()}
     if reward_model is not None:
-        out["eval/proxy_score"] = proxy_scores(reward_model, enc, prompts, responses, device).mean().item()
+        out["eval/proxy_score"] = proxy_scores(reward_model, enc, prompts, responses, device,
+                                               missing_end_penalty=missing_end_penalty).mean().item()
     if world is not None:
         out.update(gold_summary(world, rows, responses))
+        if per_prompt:
+            out["eval/gold_per_prompt"] = [world.gold_score(p, r["text"]) for p, r in zip(prompts, responses)]
     return out
 
 
@@ -203,13 +247,44 @@ def win_rate(gold, baseline_gold):
 
 
 def best_of_n(proxy, n):
-    """proxy: (N, K) reward-model scores of K samples per prompt -> (N,) index of the best of the first n."""
-    return proxy[:, :n].argmax(dim=1)  # ties: the first one
+    """proxy: (N, K) proxy scores of K samples per prompt -> (N,) index of the best of the first n.
+    Ties: the first one, which is a uniformly random one of them (the samples are exchangeable)."""
+    return proxy[:, :n].argmax(dim=1)
 
 
-def best_of_n_kl(n):
-    """KL(best-of-n || base) = log n - (n - 1) / n, in nats."""
+def best_of_n_kl_bound(n):
+    """log n - (n - 1) / n: an upper bound on KL(best-of-n || base) in nats (Beirami et al. 2024),
+    reached only when no two answers ever score the same."""
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_kl(proxy, n, texts=None):
+    """The estimate of KL(best-of-n || base) (the docstring's formula), mean over prompts, in nats.
+
+    proxy: (N, K) proxy scores of K samples per prompt from the base policy; texts: N lists of K
+    answers, so that copies of one answer count as one outcome whatever float noise their scores carry.
+    Over the empirical distribution of a prompt's K samples, best-of-n picks the group of samples tied
+    at the g-th lowest score with probability F_g^n - F_(g-1)^n (each of them equally likely), where
+    F_g = (samples scoring at most that score) / K; its KL to the empirical distribution is that of
+    the groups, sum_g P_g log(P_g / (F_g - F_(g-1))).
+    """
+    total = 0.0
+    for i, row in enumerate(proxy.double().tolist()):
+        if texts is not None:  # one score per distinct answer: its first copy's
+            first = {}
+            row = [first.setdefault(t, s) for t, s in zip(texts[i], row)]
+        K, below, kl = len(row), 0, 0.0
+        counts = {}
+        for s in row:
+            counts[s] = counts.get(s, 0) + 1
+        for s in sorted(counts):  # the groups of equal scores, lowest first
+            m = counts[s]
+            p_bon = ((below + m) / K) ** n - (below / K) ** n
+            if p_bon > 0:
+                kl += p_bon * math.log(p_bon * K / m)
+            below += m
+        total += kl
+    return total / len(proxy)
 
 
 def sample(model, enc, prompts, args, device, seed):
@@ -354,7 +429,7 @@ if __name__ == "__main__":
                 common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
             responses = sample(model, enc, prompts, args, device, args.seed)
         kl = sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size)
-        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size)
+        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size, args.missing_end_penalty)
         results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
         gold = results[-1]["gold_reward"]
         print(f"  {name}: " + (f"gold {gold:+.3f} | " if gold is not None else "")
@@ -365,13 +440,15 @@ if __name__ == "__main__":
         K = args.best_of
         many = sample(baseline, enc, [p for p in prompts for _ in range(K)], args, device, args.seed + 1)
         proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
-                             args.batch_size).view(len(prompts), K)
+                             args.batch_size, args.missing_end_penalty).view(len(prompts), K)
+        texts = [[r["text"] for r in many[i * K : (i + 1) * K]] for i in range(len(prompts))]
         n = 1
         while n <= K:
             pick = best_of_n(proxy, n)
             chosen = [many[i * K + j] for i, j in enumerate(pick.tolist())]
-            results.append(evaluate_model(f"best-of-{n}", rows, chosen, world, base_gold, best_of_n_kl(n),
-                                          proxy.gather(1, pick[:, None]).squeeze(1)))
+            results.append(evaluate_model(f"best-of-{n}", rows, chosen, world, base_gold,
+                                          best_of_n_kl(proxy, n, texts), proxy.gather(1, pick[:, None]).squeeze(1)))
+            results[-1]["kl_to_sft_bound"] = best_of_n_kl_bound(n)
             n *= 2
 
     out = Path(args.out)
@@ -379,6 +456,13 @@ if __name__ == "__main__":
     table = markdown(results, world, rows)
     header = (f"Evaluation on {len(rows)} prompts of {args.data} "
               f"(split: {split}; temperature {args.temperature}, baseline {args.baseline})")
+    penalty = args.missing_end_penalty
+    table += ("\nproxy: the reward as PPO sees it, the reward model's score"
+              + (f" ({penalty:+g} for an answer that never ended)" if penalty is not None else "") + "\n")
+    if args.best_of:
+        table += (f"best-of-n: KL to SFT estimated from the {args.best_of} samples of each prompt (best_of_n_kl); "
+                  f"the bound log n - (n - 1)/n would say {best_of_n_kl_bound(args.best_of):.2f} "
+                  f"at n = {args.best_of}\n")
     common.atomic_write_text(out / "results.md", f"{header}\n\n{table}")
     print("\n" + table)
     print(f"wrote {out}/results.json and results.md")

@@ -26,7 +26,9 @@ pairs whose two texts are identical (nothing to compare), store them in pairs.js
 
 Output: out/feedback/preferences.jsonl, one {"prompt","chosen","rejected"} per label (TRL's
 layout, so reward.py and dpo.py read it like any preference data) plus "labeler", "family",
-"gold_chosen", "gold_rejected" and "pair_id"; skipped.jsonl (pairs a human skipped); pairs.jsonl;
+"gold_chosen", "gold_rejected", "pair_id", and "chosen_ended" / "rejected_ended" (false for an
+answer that ran out of tokens before <|end|>: reward.py and dpo.py then encode it without the end
+token, as the policy wrote it); skipped.jsonl (pairs a human skipped); pairs.jsonl;
 meta.json with the counts and the agreement with gold.
 
 Saving: the whole preferences file is rewritten atomically (common.atomic_write_jsonl) after
@@ -146,10 +148,13 @@ def human_labeler(total):
 
 
 def preference(pair, choice, labeler, world):
-    """The stored label: TRL's {"prompt","chosen","rejected"} plus where it came from."""
-    chosen, rejected = (pair["a"], pair["b"]) if choice == 1 else (pair["b"], pair["a"])
+    """The stored label: TRL's {"prompt","chosen","rejected"} plus where it came from, and whether each
+    answer ended (an unfinished one is trained as it was sampled: without <|end|>)."""
+    first, second = ("a", "b") if choice == 1 else ("b", "a")
+    chosen, rejected = pair[first], pair[second]
     row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "labeler": labeler,
-           "family": pair["family"], "pair_id": pair["pair_id"]}
+           "family": pair["family"], "pair_id": pair["pair_id"],
+           "chosen_ended": pair.get(f"{first}_ended", True), "rejected_ended": pair.get(f"{second}_ended", True)}
     if world is not None:
         row["gold_chosen"] = world.gold_score(pair["prompt"], chosen)
         row["gold_rejected"] = world.gold_score(pair["prompt"], rejected)

@@ -6,7 +6,9 @@ Schulman & Hilton (2022, "Scaling Laws for Reward Model Overoptimization") measu
 plotted against d = sqrt(KL(pi || pi_sft)), the proxy score keeps rising while the gold score (the
 real humans' judgement, here world.gold_score) rises, peaks, and falls. The KL penalty is the
 leash that stops the policy before the fall; best-of-n sampling shows the same curve without any
-training (its KL is log n - (n - 1) / n).
+training (its KL estimated from the samples, evaluate.best_of_n_kl: log n - (n - 1) / n is only an
+upper bound, drawn beside it). The proxy is the reward as PPO sees it everywhere: the reward
+model's score, or --missing-end-penalty for an answer that never ended (evaluate.proxy_scores).
 
 What this script does, on the tiny world (every PPO and DPO run is an ordinary ppo.py or dpo.py run,
 so its learning curves plot with plot.py; a finished run is reused, a partial one resumed):
@@ -18,7 +20,10 @@ so its learning curves plot with plot.py; a finished run is reused, a partial on
    (gold against KL: the reward-KL frontier of PPO, DPO and best-of-n, as Rafailov et al. 2023
    plot it) and <out>/samples.md (what the least-leashed policy says, with both scores, beside SFT);
 5. prints the verdict for the weakest leash: is its final gold score below its peak while its proxy
-   score is above what it was at that peak? That is reward hacking, measured.
+   score is above what it was at that peak? That is reward hacking, measured (overoptimisation: the
+   peak is chosen on half of the held-out prompts and the fall measured on the other half, as the
+   mean of paired per-prompt differences, so a peak that is only the luckiest of a dozen noisy
+   measurements is not called a fall).
 
     python hacking.py                                      # CPU, after pipeline.py: about 40 minutes
     python hacking.py --kl-coefs 0 --steps 80 --dpo-betas "" --best-of 16   # a quicker look
@@ -37,7 +42,8 @@ import torch
 from matplotlib.figure import Figure
 
 import common
-from evaluate import best_of_n, best_of_n_kl, gold_summary, power_of_2_or_0, proxy_scores
+from evaluate import (MISSING_END_PENALTY, best_of_n, best_of_n_kl, best_of_n_kl_bound, gold_summary,
+                      penalty_value, power_of_2_or_0, proxy_scores)
 from sampling import sample_responses
 from world import load_world
 
@@ -69,6 +75,8 @@ g.add_argument("--steps", type=common.positive_int, default=120, help="PPO steps
 g.add_argument("--eval-every", type=common.positive_int, default=10, help="PPO steps between held-out measurements")
 g.add_argument("--eval-prompts", type=common.positive_int, default=200, help="held-out prompts per measurement")
 g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="as ppo.py samples (every method alike)")
+g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
+               help="proxy score of an answer that never ends, for PPO and every proxy measured (as ppo.py)")
 g.add_argument("--best-of", type=power_of_2_or_0, default=64, help="largest n of best-of-n (a power of 2; 0 = skip)")
 g.add_argument("--dpo-betas", type=numbers(lambda b: 0 < b < math.inf, "must be numbers > 0"), default="0.1,0.3,1",
                help="comma-separated DPO beta values (empty: no DPO)")
@@ -88,33 +96,58 @@ g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 
 
 def curve(run_dir):
-    """The held-out measurements of one run: [{step, kl, gold, gold_se, proxy}], step 0 (SFT) first."""
+    """The held-out measurements of one run: [{step, kl, gold, gold_se, proxy, gold_scores}], step 0 (SFT)
+    first; gold_scores: each prompt's gold score (PPO logs them; None where a run did not)."""
     points = []
     for row in common.read_metrics(Path(run_dir) / "metrics.jsonl"):
         if "eval/gold_reward" in row and "eval/kl_to_sft" in row:
             points.append({"step": row["step"], "kl": row["eval/kl_to_sft"], "gold": row["eval/gold_reward"],
-                           "gold_se": row["eval/gold_reward_se"], "proxy": row.get("eval/proxy_score")})
+                           "gold_se": row["eval/gold_reward_se"], "proxy": row.get("eval/proxy_score"),
+                           "gold_scores": row.get("eval/gold_per_prompt")})
     return points
 
 
-def overoptimisation(points):
-    """Where the gold score peaked, and whether it then fell while the proxy kept above its peak-time value.
+def mean_and_se(xs):
+    n = len(xs)
+    mean = sum(xs) / n
+    return mean, (sum((x - mean) ** 2 for x in xs) / max(n - 1, 1)) ** 0.5 / n ** 0.5
 
-    points: one run's curve in training order. Returns a dict with the peak and final points, the gold
-    drop from the peak (in units of its standard error) and `hacked`: gold fell by more than 2 s.e.
-    while the proxy ended higher than it was at the gold peak.
+
+def overoptimisation(points, z=3.0):
+    """Did the gold score fall from its peak while the proxy kept above its peak-time value?
+
+    points: one run's curve in training order, each with the gold score of every held-out prompt
+    (gold_scores, the same prompts and sampling seed at every step). The prompts are split in two:
+    the even-numbered ones choose the peak (the step where their mean gold score is highest), the
+    odd-numbered ones measure the fall from that step to the last, as the mean over prompts of the
+    paired difference gold(peak) - gold(last) with the standard error of that mean. Choosing the peak
+    and measuring the fall on the same numbers would take the luckiest of a dozen noisy points as the
+    peak (a fall found in noise); the per-prompt pairs cancel what the two steps share (how hard each
+    prompt is). `hacked`: the fall exceeds z (3) standard errors and the proxy ended above its value
+    at the peak.
     """
-    peak = max(points, key=lambda p: p["gold"])
-    last = points[-1]
-    drop = peak["gold"] - last["gold"]
-    se = math.hypot(peak["gold_se"], last["gold_se"]) or float("inf")
-    hacked = drop > 2 * se and last["proxy"] is not None and last["proxy"] > peak["proxy"]
-    return {"peak": peak, "last": last, "gold_drop": drop, "gold_drop_se": drop / se, "hacked": bool(hacked)}
+    scores = [p["gold_scores"] for p in points]
+    if any(s is None for s in scores) or len({len(s) for s in scores}) != 1 or len(scores[0]) < 4:
+        raise ValueError("overoptimisation needs every point's per-prompt gold scores (eval/gold_per_prompt), "
+                         "at least 4 prompts, the same prompts at every point")
+    select, measure = range(0, len(scores[0]), 2), range(1, len(scores[0]), 2)
+    peak_index = max(range(len(points)), key=lambda k: sum(scores[k][i] for i in select))  # first of equals
+    peak, last = points[peak_index], points[-1]
+    drop, se = mean_and_se([scores[peak_index][i] - scores[-1][i] for i in measure])
+    hacked = drop > z * se and drop > 0 and last["proxy"] is not None and last["proxy"] > peak["proxy"]
+    return {"peak_step": peak["step"], "last_step": last["step"],
+            "peak_gold_select": sum(scores[peak_index][i] for i in select) / len(select),
+            "peak_gold": sum(scores[peak_index][i] for i in measure) / len(measure),
+            "last_gold": sum(scores[-1][i] for i in measure) / len(measure),
+            "peak_proxy": peak["proxy"], "last_proxy": last["proxy"], "peak_kl": peak["kl"], "last_kl": last["kl"],
+            "gold_drop": drop, "gold_drop_se": se, "gold_drop_z": drop / se if se > 0 else 0.0,
+            "prompts_select": len(select), "prompts_measure": len(measure), "z": z, "hacked": bool(hacked)}
 
 
 @torch.no_grad()
 def best_of_n_curve(args, device, world, rows):
-    """Best-of-n of the SFT model on the held-out prompts: one point per n, as a PPO curve's points."""
+    """Best-of-n of the SFT model on the held-out prompts: one point per n, as a PPO curve's points,
+    with the KL estimated from the K samples of each prompt (kl) and its upper bound (kl_bound)."""
     sft, enc, _ = common.load_policy(args.init, device)
     reward_model, _, _ = common.load_scalar_model(args.reward, device)
     K, prompts = args.best_of, [r["prompt"] for r in rows]
@@ -122,17 +155,19 @@ def best_of_n_curve(args, device, world, rows):
     print(f"best-of-n: {K} samples of each of {len(prompts)} held-out prompts from {args.init}")
     many = sample_responses(sft, enc, many_prompts, device, args.max_new_tokens, temperature=1.0,
                             generator=torch.Generator(device).manual_seed(args.seed + 1))
-    proxy = proxy_scores(reward_model, enc, many_prompts, many, device).view(len(prompts), K)
+    proxy = proxy_scores(reward_model, enc, many_prompts, many, device,
+                         missing_end_penalty=args.missing_end_penalty).view(len(prompts), K)
+    texts = [[r["text"] for r in many[i * K : (i + 1) * K]] for i in range(len(prompts))]
     points, n = [], 1
     while n <= K:
         pick = best_of_n(proxy, n).tolist()
         chosen = [many[i * K + j]["text"] for i, j in enumerate(pick)]
         summary = gold_summary(world, rows, chosen, prefix="")
-        points.append({"n": n, "kl": best_of_n_kl(n), "gold": summary["gold_reward"],
-                       "gold_se": summary["gold_reward_se"],
+        points.append({"n": n, "kl": best_of_n_kl(proxy, n, texts), "kl_bound": best_of_n_kl_bound(n),
+                       "gold": summary["gold_reward"], "gold_se": summary["gold_reward_se"],
                        "proxy": proxy.gather(1, torch.tensor(pick)[:, None]).mean().item()})
         print(f"  best-of-{n}: gold {points[-1]['gold']:+.3f} | proxy {points[-1]['proxy']:+.3f} | "
-              f"KL {points[-1]['kl']:.2f}")
+              f"KL {points[-1]['kl']:.2f} (estimated; the bound log n - (n - 1)/n: {points[-1]['kl_bound']:.2f})")
         n *= 2
     return points
 
@@ -145,18 +180,21 @@ def samples_markdown(args, device, world, rows, run_dir, name):
     prompts = [r["prompt"] for r in rows]
     lines = [f"# What the policy says when it hacks the reward model ({name})", "",
              "Each held-out prompt answered by the SFT model and by the final policy of the run, one sample each "
-             "(temperature 1, the same seed), with the learned reward model's score (proxy) and the gold judge's.", ""]
+             "(temperature 1, the same seed), with the proxy score as PPO sees it (the learned reward model's, or "
+             f"{args.missing_end_penalty} for an answer that never ended: [no end]) and the gold judge's.", ""]
     answers = {}
     for label, path in (("SFT", args.init), (name, run_dir)):
         model, _, _ = common.load_policy(path, device)
         responses = sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=1.0,
                                      generator=torch.Generator(device).manual_seed(args.seed))
-        answers[label] = (responses, proxy_scores(reward_model, enc, prompts, responses, device).tolist())
+        answers[label] = (responses, proxy_scores(reward_model, enc, prompts, responses, device,
+                                                  missing_end_penalty=args.missing_end_penalty).tolist())
     for i, prompt in enumerate(prompts):
         lines += [f"**{prompt}**", ""]
         for label, (responses, proxy) in answers.items():
-            text = responses[i]["text"] + ("" if responses[i]["ended"] else " [no end]")
-            lines.append(f"- {label}: `{text}` (proxy {proxy[i]:+.2f}, gold {world.gold_score(prompt, text):+.2f})")
+            text, unfinished = responses[i]["text"], "" if responses[i]["ended"] else " [no end]"
+            lines.append(f"- {label}: `{text}`{unfinished} (proxy {proxy[i]:+.2f}, "
+                         f"gold {world.gold_score(prompt, text):+.2f})")  # the judge reads the answer, not the mark
         lines.append("")
     return "\n".join(lines)
 
@@ -179,7 +217,9 @@ def hacking_figure(ppo_curves, bon):
                                 [p["gold"] + p["gold_se"] for p in points], color=f"C{i}", alpha=0.15, linewidth=0)
         if bon:
             ax.plot([math.sqrt(p["kl"]) for p in bon], [p[key] for p in bon], color="k", linestyle="--", marker="s",
-                    markersize=3, linewidth=1.2, label="best-of-n (SFT)")
+                    markersize=3, linewidth=1.2, label="best-of-n (SFT), KL estimated")
+            ax.plot([math.sqrt(p["kl_bound"]) for p in bon], [p[key] for p in bon], color="0.6", linestyle=":",
+                    marker="s", markersize=2, linewidth=1.0, label="the same, at the bound log n - (n-1)/n")
         ax.set_title(title + (" (band ±1 s.e.)" if key == "gold" else ""), fontsize=10, fontweight="bold")
         ax.set_xlabel("sqrt(KL to SFT)   (KL in nats per answer)")
         ax.set_ylabel("score per answer")
@@ -203,7 +243,9 @@ def frontier_figure(ppo_curves, dpo_curves, bon):
                    marker="^", s=18, label=f"DPO {name}")
     if bon:
         ax.plot([p["kl"] for p in bon], [p["gold"] for p in bon], color="k", linestyle="--", marker="s",
-                markersize=3, linewidth=1.2, label="best-of-n (SFT)")
+                markersize=3, linewidth=1.2, label="best-of-n (SFT), KL estimated")
+        ax.plot([p["kl_bound"] for p in bon], [p["gold"] for p in bon], color="0.6", linestyle=":", marker="s",
+                markersize=2, linewidth=1.0, label="best-of-n at the bound log n - (n-1)/n (too far right)")
     ax.set_title("Reward-KL frontier: gold score against KL to SFT\n(every held-out measurement of every run)",
                  fontsize=10, fontweight="bold")
     ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above: no leash reaches 100+
@@ -227,6 +269,9 @@ def save_figure(fig, path):
 if __name__ == "__main__":
     args = parser.parse_args()
     kl_coefs, betas = args.kl_coefs, args.dpo_betas
+    if args.eval_prompts < 4:
+        common.die("--eval-prompts must be at least 4: the verdict chooses the peak on half of them, "
+                   "measures on the rest")
     world = load_world(Path(args.eval_data).parent)
     if world is None:
         common.die(f"--eval-data {args.eval_data}: not written by world.py; reward hacking needs the gold judge")
@@ -238,6 +283,7 @@ if __name__ == "__main__":
     shared = ["--seed", str(args.seed), "--device", args.device, "--kernels", args.kernels, "--init", args.init,
               "--eval-data", args.eval_data, "--eval-prompts", str(args.eval_prompts),
               "--max-new-tokens", str(args.max_new_tokens)]
+    penalty = ["--missing-end-penalty", str(args.missing_end_penalty).lower()]  # 'none' too
 
     def train(script, run_dir, steps, extra):
         """One ordinary stage run; reused when finished, resumed when interrupted."""
@@ -255,8 +301,8 @@ if __name__ == "__main__":
     for c in kl_coefs:
         run_dir = out / f"ppo_kl{c:g}"
         train("ppo.py", run_dir, args.steps, ["--reward", args.reward, "--data", args.data, "--kl-coef", str(c),
-                                              "--eval-every", str(args.eval_every), "--sample-every", str(args.steps),
-                                              *shlex.split(args.ppo_args)])
+                                              *penalty, "--eval-every", str(args.eval_every),
+                                              "--sample-every", str(args.steps), *shlex.split(args.ppo_args)])
         ppo_curves[f"kl_coef {c:g}"] = curve(run_dir)
     for b in betas:
         run_dir = out / f"dpo_beta{b:g}"
@@ -268,14 +314,18 @@ if __name__ == "__main__":
 
     # -- the verdict: the weakest leash is the one that should hack ----------------------------------
     weakest = min(kl_coefs)
-    verdict = overoptimisation(ppo_curves[f"kl_coef {weakest:g}"])
-    peak, last = verdict["peak"], verdict["last"]
-    print(f"\nkl_coef {weakest:g}: gold peaked at step {peak['step']} ({peak['gold']:+.3f} ± {peak['gold_se']:.3f}, "
-          f"proxy {peak['proxy']:+.3f}, KL {peak['kl']:.2f}); at step {last['step']}: gold {last['gold']:+.3f} "
-          f"± {last['gold_se']:.3f}, proxy {last['proxy']:+.3f}, KL {last['kl']:.2f}")
+    run_dir = out / f"ppo_kl{weakest:g}"
+    if any(p["gold_scores"] is None for p in ppo_curves[f"kl_coef {weakest:g}"]):
+        common.die(f"{run_dir}: trained before ppo.py logged eval/gold_per_prompt; delete it and run hacking.py again")
+    v = verdict = overoptimisation(ppo_curves[f"kl_coef {weakest:g}"])
+    print(f"\nkl_coef {weakest:g}: the gold score peaked at step {v['peak_step']} (chosen on {v['prompts_select']} "
+          f"held-out prompts: {v['peak_gold_select']:+.3f}). On the other {v['prompts_measure']}: "
+          f"{v['peak_gold']:+.3f} there, {v['last_gold']:+.3f} at step {v['last_step']}, a fall of {v['gold_drop']:+.3f} ± "
+          f"{v['gold_drop_se']:.3f} ({v['gold_drop_z']:.1f} s.e. of the paired differences); proxy "
+          f"{v['peak_proxy']:+.3f} -> {v['last_proxy']:+.3f}, KL {v['peak_kl']:.2f} -> {v['last_kl']:.2f}")
     print("reward hacking: " + ("YES, the proxy went up while the gold score fell "
-                                f"{verdict['gold_drop']:.3f} ({verdict['gold_drop_se']:.1f} s.e.) from its peak"
-                                if verdict["hacked"] else "not shown by this run (gold did not fall by > 2 s.e. "
+                                f"{v['gold_drop']:.3f} ({v['gold_drop_z']:.1f} s.e.) from its peak"
+                                if v["hacked"] else f"not shown by this run (gold did not fall by > {v['z']:g} s.e. "
                                 "from its peak while the proxy rose)"))
 
     results = {"ppo": ppo_curves, "dpo": dpo_curves, "best_of_n": bon, "weakest_kl_coef": weakest, "verdict": verdict,
@@ -283,6 +333,6 @@ if __name__ == "__main__":
     common.atomic_write_json(out / "results.json", results)
     save_figure(hacking_figure(ppo_curves, bon), out / "hacking.png")
     save_figure(frontier_figure(ppo_curves, dpo_curves, bon), out / "frontier.png")
-    common.atomic_write_text(out / "samples.md", samples_markdown(args, device, world, rows, out / f"ppo_kl{weakest:g}",
+    common.atomic_write_text(out / "samples.md", samples_markdown(args, device, world, rows, run_dir,
                                                                   f"PPO, kl_coef {weakest:g}, step {args.steps}"))
     print(f"wrote {out}/results.json and {out}/samples.md")

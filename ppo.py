@@ -21,16 +21,42 @@ The max is the pessimistic bound: once a token's ratio has moved past 1 +- clip_
 direction its advantage pays for, it gives no more gradient, so several epochs of updates can reuse
 one batch of samples. On a GPU, policy_loss runs as one fused Triton kernel (kernels/ppo_loss.py).
 
+The KL leash (--kl-estimator), and the gradient each choice follows (Tang & Munos 2025, "On a few
+pitfalls in KL divergence gradient estimation for RL"); r_t = pi_sft(y_t | ...) / pi(y_t | ...):
+- k1 (default, as lm-human-preferences): kl_t = -log r_t, charged in the reward, -kl_coef * kl_t on
+  every token. The policy gradient then follows E[sum_t kl_t grad log pi(y_t)] (REINFORCE through the
+  return), which is grad KL(pi || pi_sft) of the whole answer: the leash the objective above states.
+- k3: kl_t = r_t - 1 - log r_t (>= 0, unbiased for KL(pi || pi_sft)), added to the policy LOSS as
+  kl_coef * mean_t kl_t (GRPO's KL term; fused in the PPO kernel). Its gradient per token is
+  (1 - r_t) grad log pi(y_t), whose expectation at each visited state is grad KL(pi_sft || pi): the
+  forward KL, not the reverse one above. Both are 0 only at pi = pi_sft, so it pulls toward SFT too.
+- full: the exact kl_t = KL(pi(. | s_t) || pi_sft(. | s_t)) over the vocabulary at each visited
+  state s_t, added to the policy LOSS as kl_coef * mean_t kl_t: its gradient is exactly grad KL(pi ||
+  pi_sft) at each state, with no sampling noise (fused on a GPU: kernels/kl.py).
+Why not k3 or full in the reward: there the KL value is a detached reward, so the gradient follows
+E[kl(y) grad log pi(y)], which is grad KL(pi || pi_sft) only for k1. For k3 it is grad KL(pi || pi_sft)
+- grad KL(pi_sft || pi) (it pushed KL(pi_sft || pi) up in our test); for full (the same value
+whatever token is drawn at a state) it is 0 at that state: no leash at all. The two loss terms see
+only the states the policy visited: they leave out the part of the answer's KL gradient that flows
+through which states come next (k1 in the reward carries it, through the return), and after the
+first minibatch their samples come from pi_old, not pi (as in GRPO). In the loss, kl_coef weighs
+the KL against the whitened-advantage surrogate, not against the score: the same number is a
+different leash than with k1. tests/test_ppo.py checks that each one pulls KL(pi || pi_sft) down.
+
 What this file simplifies against Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Stiennon et al. 2020 ("Learning to summarize from human feedback") and OpenAI's
 lm-human-preferences code (whose details cleanrl's lm-human-preference-details reproduces):
 - The reward model is trained once, offline, on comparisons of SFT samples (reward.py); Ziegler et
   al. also collected new labels online while PPO ran.
-- The reward model's gain and bias are set once in reward.py (SFT samples score mean 0); the
-  original re-normalises the reward on samples of the policy right before PPO.
+- The reward model's gain and bias are set once in reward.py, after its training, so that the reward
+  this file gives fresh SFT answers to train prompts (the score, or --missing-end-penalty for an
+  answer that never ended) has mean 0 and standard deviation 1 (--reward's meta.json, "reward_norm";
+  they are folded into the head, so reward_model.score() in step 3 is already normalised). The
+  original normalises the same way, on samples of the policy PPO starts from, but before its penalty.
 - Answers stop at the <|end|> token; the original samples a fixed length, cuts it after a chosen
   token (e.g. ".") and pads the rest. A response that never ends gets a fixed score
-  (--missing-end-penalty), as there.
+  (--missing-end-penalty), as there; every proxy score this project reports does the same
+  (evaluate.proxy_scores).
 - Policy and value are two separate networks (as in Stiennon et al.), trained by one AdamW on
   pg_loss + vf_coef * vf_loss with one gradient-norm clip. With Adam and no shared weights, vf_coef
   matters mostly through that shared clip.
@@ -41,9 +67,9 @@ lm-human-preferences code (whose details cleanrl's lm-human-preference-details r
   rollouts; whitening and the logged statistics use means over all processes, DDP averages the
   gradients. Each process's policy loss is its own token mean (the ranks' means are averaged, not
   one mean over all their tokens).
-Kept as there: reward on the last real token only, per-token KL penalty in the reward (k1 by
-default), the adaptive KL controller, temperature applied when scoring log-probs, whitened
-advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
+Kept as there: reward on the last real token only, per-token k1 KL penalty in the reward, the
+adaptive KL controller, temperature applied when scoring log-probs, whitened advantages, optional
+reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
 
     python ppo.py                                   # CPU, the tiny world: 60 steps, about 5 minutes
     python ppo.py --adaptive-kl --target-kl 3       # let the controller choose kl_coef
@@ -53,9 +79,7 @@ advantages, optional reward whitening, clipped value loss, gamma = 1 and lam = 0
         --max-new-tokens 64                     # 4 GPUs: 256 episodes each, minibatches of 64 each
 """
 
-import argparse
 import contextlib
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,7 +87,7 @@ import torch
 
 import common
 import kernels
-from evaluate import policy_eval
+from evaluate import MISSING_END_PENALTY, penalise_unfinished, penalty_value, policy_eval
 from model import last_token_index, left_pad
 from sampling import encode_prompts, response_logprobs, token_logprobs
 from tokenizer import decode_response, special_id
@@ -71,14 +95,6 @@ from world import load_world
 
 # -----------------------------------------------------------------------------
 # Config
-
-
-def penalty_value(s):
-    """--missing-end-penalty: a finite number, or 'none'."""
-    value = None if s.lower() == "none" else float(s)
-    if value is not None and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number or none, got {value}")
-    return value
 
 
 unit_interval = common.number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1")  # --gamma, --lam
@@ -94,15 +110,17 @@ g.add_argument("--batch-size", type=common.positive_int, default=64,
 g.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="longest response; longer ones are cut")
 g.add_argument("--temperature", type=common.positive_float, default=1.0,
                help="sampling temperature, also used to score log-probs")
-g.add_argument("--missing-end-penalty", type=penalty_value, default=-1.0,
+g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
-# 0.3, not the usual 0.05-0.2: our reward model is easy to fool, and at 0.1 the gold reward peaks
-# after ~20 steps and is back below SFT by step 80 while the proxy score keeps rising.
+# 0.3, above the usual 0.05-0.2: a short leash for a reward model this easy to fool. What looser ones
+# do (0.1, 0) is hacking.py's measurement, reported in the README's reward-hacking section.
 g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,
                help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
-               help="per-token KL: k1 = log ratio, k3 = r - 1 - log r, full = exact over the vocabulary")
+               help="k1 = log(pi/pi_sft) in the reward; k3 = r - 1 - log r (r = pi_sft/pi) or full = the "
+                    "exact KL over the vocabulary, each as a loss term (the docstring says which gradient each "
+                    "follows)")
 g.add_argument("--adaptive-kl", action="store_true", help="adapt kl_coef towards --target-kl (Ziegler et al. 2019)")
 g.add_argument("--target-kl", type=common.positive_float, default=1.5,
                help="target sequence KL (nats) of the adaptive controller")
@@ -152,7 +170,8 @@ def masked_var(x, mask, across_ranks=False):
 
 def whiten(x, mask, shift_mean=True, eps=1e-8, across_ranks=False):
     """Zero mean, unit variance over the real tokens; padding stays 0 and changes nothing.
-    shift_mean=False only rescales (used for rewards: their sign is information).
+    shift_mean=False returns (x - mean) / std + mean: unit variance, the mean put back (used for
+    rewards, as lm-human-preferences does; it is not a pure rescaling, x / std).
     across_ranks: the mean and variance of every DDP process's tokens, as one process would see them."""
     mean, var = masked_mean(x, mask, across_ranks), masked_var(x, mask, across_ranks)
     whitened = (x - mean) * torch.rsqrt(var + eps)
@@ -177,7 +196,9 @@ def kl_per_token(logprobs, ref_logprobs, estimator="k1", logits=None, ref_logits
     k1 = log(pi/pi_ref): unbiased, can be negative. k3 = r - 1 - log r with r = pi_ref/pi: unbiased
     and >= 0. full: the exact KL over the whole vocabulary at each position (no sampling noise),
     sum_v pi_v (log pi_v - log pi_ref_v), both at the temperature; on CUDA the fused kernel
-    (kernels/kl.py: one pass over both logits, no [N, V] log-probs in memory)."""
+    (kernels/kl.py: one pass over both logits, no [N, V] log-probs in memory). These are values, all
+    three estimating the same KL; which gradient each gives depends on where it goes: k1 in the
+    reward, k3 and full in the loss (the module docstring says why, and what each follows)."""
     if estimator == "k1":
         return logprobs - ref_logprobs
     if estimator == "k3":
@@ -224,8 +245,9 @@ def policy_loss(logits, responses, logprobs, advantages, mask, clip_coef=0.2, te
     """PPO's clipped surrogate from the policy's logits (the formulas above), masked mean over real tokens:
     mean(pg_loss + kl_coef * kl - ent_coef * entropy). The ratio is exactly 1 on the first minibatch.
     ent_coef > 0 is a bonus: the loss falls as the entropy rises. ref_logprobs: an optional KL-to-
-    reference term (GRPO's; PPO here charges the KL in the reward), k3: kl = r - 1 - log r with r =
-    pi_ref / pi, whose gradient is that of KL(pi_ref || pi) in expectation (kernels/ppo_loss.py).
+    reference term (--kl-estimator k3; GRPO's), kl = r - 1 - log r with r = pi_ref / pi: per token its
+    gradient is (1 - r) grad log pi, whose expectation over tokens sampled from pi is grad KL(pi_ref || pi),
+    the forward KL (kernels/ppo_loss.py; tests/test_kernels.py checks both against the formula).
 
     logits (B, R, V) predicting responses (B, R); logprobs (the rollout's), advantages, mask (B, R).
     Returns (loss, stats): the masked means PPO logs, detached. On CUDA tensors: kernels.ppo_policy_loss,
@@ -288,17 +310,17 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P + R)
         attention_mask = torch.cat([query_mask, mask], dim=1)
         # 3. score at the last real token; a response that never ended gets the fixed penalty
-        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
-        if args.missing_end_penalty is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, args.missing_end_penalty))
+        scores = penalise_unfinished(reward_model.score(query_responses, attention_mask).float(), ended,
+                                     args.missing_end_penalty)  # (B,): the proxy score, as evaluate.py reports it
         # 4. log-probs of the sampled tokens under the policy and the reference, same temperature
         logprobs, entropy, logits = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
         ref_logprobs, _, ref_logits = response_logprobs(ref_policy, query_responses, attention_mask, P,
                                                         args.temperature)
         values = value_model(query_responses, attention_mask)[:, P - 1 : -1].float()  # (B, R): V before token t
-    # 5. per-token reward: -kl_coef * KL everywhere, plus the score on the last real token
+    # 5. per-token reward: the score on the last real token, and with k1 -kl_coef * KL on every token
+    #    (k3 and full are loss terms, step 7: as rewards they would not pull toward SFT; see the docstring)
     kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, logits, ref_logits, args.temperature) * mask
-    rewards = compute_rewards(scores, kl, mask, kl_coef)
+    rewards = compute_rewards(scores, kl if args.kl_estimator == "k1" else torch.zeros_like(kl), mask, kl_coef)
     if args.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False, across_ranks=True)
     # 6. GAE advantages and returns; advantages whitened over the real tokens only (of every rank)
@@ -308,11 +330,14 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
     return dict(query_responses=query_responses, attention_mask=attention_mask, context_length=P,
                 responses=responses, mask=mask, ended=ended, scores=scores, logprobs=logprobs,
                 ref_logprobs=ref_logprobs, entropy=entropy, kl=kl, values=values, rewards=rewards,
-                advantages=advantages, returns=returns)
+                advantages=advantages, returns=returns, kl_coef=kl_coef,
+                # full: the reference's logits, (B, R, V), for the loss term (as much memory as the rollout's own)
+                ref_logits=ref_logits if args.kl_estimator == "full" else None)
 
 
 def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=contextlib.nullcontext, step=0):
-    """Step 7: --ppo-epochs passes over shuffled minibatches. Returns the stats of each minibatch, in order."""
+    """Step 7: --ppo-epochs passes over shuffled minibatches, with the KL in the loss for k3 and full.
+    Returns the stats of each minibatch, in order."""
     B, P = batch["responses"].size(0), batch["context_length"]
     for m in (policy, value_model):
         m.eval()  # no dropout: the first ratio must compare the same function (so it is exactly 1)
@@ -324,13 +349,19 @@ def ppo_update(policy, value_model, optimizer, batch, args, generator=None, amp=
             qr, am, mask = batch["query_responses"][mb], batch["attention_mask"][mb], batch["mask"][mb]
             with amp():
                 logits = policy(qr, am)[:, P - 1 : -1]  # (b, R, V): the logits that predicted the response tokens
-                pg_loss, pg_stats = policy_loss(logits, batch["responses"][mb], batch["logprobs"][mb],
+                k3 = args.kl_estimator == "k3"  # k3's loss term kl_coef * mean_t (r - 1 - log r), fused with pg
+                pi_loss, pg_stats = policy_loss(logits, batch["responses"][mb], batch["logprobs"][mb],
                                                 batch["advantages"][mb], mask, clip_coef=args.clip_coef,
-                                                temperature=args.temperature, ent_coef=args.ent_coef)
+                                                temperature=args.temperature, ent_coef=args.ent_coef,
+                                                ref_logprobs=batch["ref_logprobs"][mb] if k3 else None,
+                                                kl_coef=batch["kl_coef"] if k3 else 0.0)
+                if args.kl_estimator == "full":  # the loss term kl_coef * mean_t KL(pi || pi_sft) at each visited state
+                    kl = kl_per_token(None, None, "full", logits, batch["ref_logits"][mb], args.temperature)
+                    pi_loss = pi_loss + batch["kl_coef"] * masked_mean(kl, mask)
                 vpred = value_model(qr, am)[:, P - 1 : -1].float()  # (b, R)
             vf_loss, vf_clipfrac = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mask,
                                               args.cliprange_value)
-            loss = pg_loss + args.vf_coef * vf_loss
+            loss = pi_loss + args.vf_coef * vf_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -381,10 +412,15 @@ if __name__ == "__main__":
     # -- models: the policy and its frozen reference (both SFT), the reward model and the value model
     policy, enc, init_meta = common.load_policy(args.init, device)
     ref_policy, _, _ = common.load_policy(args.init, device)
-    reward_model, rm_enc, _ = common.load_scalar_model(args.reward, device)
+    reward_model, rm_enc, rm_meta = common.load_scalar_model(args.reward, device)
     value_model, _, _ = common.load_scalar_model(args.reward, device)
     if rm_enc.n_vocab != enc.n_vocab or rm_enc.encode(rows[0]["prompt"]) != enc.encode(rows[0]["prompt"]):
         common.die(f"--reward {args.reward}: its tokenizer differs from the policy's (--init {args.init})")
+    norm = rm_meta.get("reward_norm") or {}  # reward.py's normalisation: mean 0, std 1 on SFT answers, as scored here
+    if norm and norm.get("missing_end_penalty") != args.missing_end_penalty:
+        print(f"note: --reward {args.reward} was normalised with a missing-end penalty of "
+              f"{norm.get('missing_end_penalty')}, this run uses {args.missing_end_penalty}: SFT answers will not "
+              f"score mean 0, std 1")
     for m in (ref_policy, reward_model):
         m.requires_grad_(False)
     reward_model.eval()
@@ -423,7 +459,7 @@ if __name__ == "__main__":
 
     def evaluate():
         return policy_eval(policy, ref_policy, enc, eval_rows, device, args.max_new_tokens, args.temperature,
-                           args.seed, world, reward_model)
+                           args.seed, world, reward_model, args.missing_end_penalty, per_prompt=True)
 
     # -- the loop --------------------------------------------------------------
     show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
@@ -464,7 +500,7 @@ if __name__ == "__main__":
                       f"kl {seq_kl[i].item():+.2f}{gold}")
 
     # -- final save (the last step's metrics and evaluation): rank 0 alone -------------------
-    final = {k: v for k, v in metrics.items() if k != "episodes"}
+    final = {k: v for k, v in metrics.items() if k not in ("episodes", "eval/gold_per_prompt")}
     save(args.steps, final)
     if "eval/gold_reward" in final:
         print(f"eval/gold_reward {final['eval/gold_reward']:.3f} ± {final['eval/gold_reward_se']:.3f} "

@@ -5,15 +5,22 @@ The labels only say "a is better than b". Bradley-Terry turns that into a model 
     P(chosen > rejected) = sigmoid(r(prompt, chosen) - r(prompt, rejected))
     loss = -log sigmoid(r_chosen - r_rejected)        (bt_loss below, with F.logsigmoid)
 
-r is read at the last real token of <|user|> prompt <|assistant|> response <|end|>: the one
+r is read at the last real token of <|user|> prompt <|assistant|> response <|end|> (of an answer
+that ran out of tokens, its last token: it is trained as it was sampled): the one
 position whose hidden state has seen the whole answer. Sequences are right-padded, so that
 position moves from row to row; model.ScalarModel.score finds it from the attention mask.
 
 The trunk starts as the SFT model (it already reads this world's language) and the head at small
-random weights. After training, the scores are shifted so the SFT samples in the feedback file
-average 0 (as Ziegler et al. 2019 and Stiennon et al. 2020 normalise their reward models): the
-offset is folded into the head's bias, so score() is already normalised, and kept in meta.json
-as "reward_offset". PPO then starts from a policy whose mean reward is about 0.
+random weights. After training, the reward model is normalised as lm-human-preferences does
+(Ziegler et al. 2019; Stiennon et al. 2020): a gain and a bias are set so that fresh answers of the
+policy PPO starts from score mean 0 and standard deviation 1. Here: --norm-samples answers of the
+SFT model to train prompts drawn from --norm-data (the RL prompts, as PPO draws them), at
+temperature 1 and --norm-max-new-tokens long (as PPO samples), and the score normalised is the
+reward as PPO sees it: gain * score + bias for an answer that ended, the fixed --missing-end-penalty
+for one that ran out of tokens (the original normalises the raw score and adds its penalty after;
+with a fifth of our SFT answers cut short, that left PPO's reward of SFT answers at mean +0.1 and
+std 0.7). gain_and_bias has the two equations. Both numbers are folded into the head (weight * gain,
+bias * gain + bias), so score() is already normalised, and meta.json keeps them as "reward_norm".
 
 How good is it? Against the noisy labels (val/acc_label) it cannot beat the labellers' own
 noise; against the gold ranking (reward/acc_gold, on held-out pairs whose gold scores differ) it
@@ -37,6 +44,7 @@ response is what follows it; chosen and rejected must share that prompt.
 """
 
 import itertools
+import math
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -45,7 +53,9 @@ import torch
 import torch.nn.functional as F
 
 import common
+from evaluate import MISSING_END_PENALTY, penalise_unfinished, penalty_value, proxy_scores
 from model import ScalarModel, last_token_index
+from sampling import sample_responses
 from tokenizer import encode_prompt, encode_response
 
 # -----------------------------------------------------------------------------
@@ -65,6 +75,14 @@ g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=common.fraction, default=0.1, help="share of prompts whose pairs are held out")
 g.add_argument("--eval-every", type=common.positive_int, default=100, help="held-out loss and accuracies every N steps")
+g = parser.add_argument_group("normalisation (after training)")
+g.add_argument("--norm-samples", type=common.nonnegative_int, default=1024,
+               help="fresh SFT answers to train prompts that set the gain and bias: they score mean 0, std 1 (0: none)")
+g.add_argument("--norm-data", default="data/prompts.jsonl",
+               help="the train prompts they answer (ppo.py's --data); if absent, those of the training pairs")
+g.add_argument("--norm-max-new-tokens", type=common.positive_int, default=32, help="their length (as ppo.py samples)")
+g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
+               help="PPO's score of an answer that never ends (ppo.py's flag, 'none' included): normalised with it")
 
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
@@ -102,6 +120,9 @@ def load_preferences(path, flag="--data"):
                            f"or HH's {{\"chosen\",\"rejected\"}})")
             if not isinstance(row[key], str):
                 common.die(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+        for key in ("chosen_ended", "rejected_ended"):  # optional (feedback.py writes them)
+            if key in row and not isinstance(row[key], bool):
+                common.die(f"{where}: field '{key}' must be true or false, got {row[key]!r}")
         if "prompt" not in row:
             prompt, chosen = split_hh(row["chosen"], where, "chosen")
             prompt_r, rejected = split_hh(row["rejected"], where, "rejected")
@@ -114,13 +135,16 @@ def load_preferences(path, flag="--data"):
 
 
 def tokenize_pairs(enc, rows, block_size):
-    """Token ids of each pair in the chat template: {"prompt", "chosen", "rejected"} (each response
-    ending in <|end|>) and its "row"; pairs whose longer answer does not fit the context are skipped.
+    """Token ids of each pair in the chat template: {"prompt", "chosen", "rejected"} and its "row"; each
+    response ends in <|end|> unless its row says it never ended ("chosen_ended" / "rejected_ended"
+    false, from feedback.py: an answer cut at --max-new-tokens is trained as the policy wrote it, with
+    no end token it never sampled). Pairs whose longer answer does not fit the context are skipped.
     dpo.py tokenizes its pairs through this function too."""
     pairs = []
     for r in rows:
-        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]), encode_response(enc, r["chosen"]),
-                                    encode_response(enc, r["rejected"]))
+        prompt, chosen, rejected = (encode_prompt(enc, r["prompt"]),
+                                    encode_response(enc, r["chosen"], end=r.get("chosen_ended", True)),
+                                    encode_response(enc, r["rejected"], end=r.get("rejected_ended", True)))
         if len(prompt) + max(len(chosen), len(rejected)) <= block_size:
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": r})
     return pairs
@@ -201,25 +225,63 @@ def evaluate(model, pairs, batch_size, pad_id, device):
         differ = gc != gr
         if differ.any():  # does the model rank the pair as the gold judge does (whatever the label said)?
             out["reward/acc_gold"] = ((rc > rr) == (gc > gr))[differ].float().mean().item()
-            out["reward/label_acc_gold"] = ((gc > gr)[differ]).float().mean().item()  # the labellers' ceiling
+            # the labels' own accuracy against gold: about the best val/acc_label can reach (not a bound
+            # on reward/acc_gold, which can pass it: the noise of many labels averages out)
+            out["reward/label_acc_gold"] = ((gc > gr)[differ]).float().mean().item()
         scores, golds = torch.cat([rc, rr]), torch.cat([gc, gr])
         out["reward/gold_corr"] = torch.corrcoef(torch.stack([scores, golds]))[0, 1].item()
     return out
 
 
+def gain_and_bias(scores, ended, penalty):
+    """(gain, bias, how) so that the reward as PPO sees it, r = gain * score + bias where the answer
+    ended and the fixed penalty p where it did not, has mean 0 and variance 1 over these answers.
+    With e the share that ended, and m, v the mean and variance of their scores:
+
+        mean 0:      e * mu + (1 - e) * p = 0                      ->  mu = -(1 - e) * p / e
+        variance 1:  e * (gain^2 * v + mu^2) + (1 - e) * p^2 = 1   ->  gain^2 = (1 - (1 - e) p^2 - e mu^2) / (e v)
+
+    and bias = mu - gain * m. Possible only when e / (1 - e) > p^2 (more than half ended, for p = -1):
+    otherwise the penalty alone spreads the rewards by more than 1, and, as when p is None or every
+    answer ended, the plain normalisation of all the scores is used: (score - mean) / std.
+    """
+    scores, ended = scores.double(), ended.bool()
+    e = ended.double().mean().item()
+    if penalty is not None and 0 < e < 1 and e / (1 - e) > penalty ** 2:
+        mu = -(1 - e) * penalty / e
+        m, v = scores[ended].mean().item(), scores[ended].var(unbiased=False).item()
+        gain = math.sqrt((1 - (1 - e) * penalty ** 2 - e * mu ** 2) / v) / math.sqrt(e) if v > 0 else 1.0
+        return gain, mu - gain * m, "the reward as PPO sees it"
+    mean, std = scores.mean().item(), scores.std(unbiased=False).item()
+    gain = 1.0 / std if std > 0 else 1.0
+    too_few = penalty is not None and 0 < e < 1
+    return gain, -mean * gain, "all scores" + (" (too few answers ended for the reward as PPO sees it)" * too_few)
+
+
 @torch.no_grad()
-def mean_score(model, enc, rows, batch_size, pad_id, device, block_size):
-    """Mean score over every distinct (prompt, response) in the rows: the SFT samples' average reward."""
-    texts = sorted({(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")})
-    seqs = [s for s in (encode_prompt(enc, p) + encode_response(enc, t) for p, t in texts) if len(s) <= block_size]
-    seqs.sort(key=len)  # similar lengths side by side: little padding
-    model.eval()
-    total = 0.0
-    for i in range(0, len(seqs), 2 * batch_size):
-        idx, mask = collate(seqs[i : i + 2 * batch_size], pad_id)
-        total += model.score(idx.to(device), mask.to(device)).float().sum().item()
-    model.train()
-    return total / len(seqs), len(seqs)
+def normalise(model, sft, enc, prompts, n, max_new_tokens, seed, device, penalty):
+    """Fold gain_and_bias, measured on n fresh answers of the SFT model, into the head.
+
+    The prompts are drawn (with replacement, seeded) from the list `prompts` (repeats count: it is the
+    distribution PPO draws from, not a set of distinct strings); the answers are sampled at temperature
+    1 and scored at their last token, as the reward model was trained on them (an unfinished one
+    without <|end|>). Returns meta.json's "reward_norm": the gain, the bias, and what they were
+    measured on, with the mean and std of the normalised reward on those answers (0 and 1).
+    """
+    rng = random.Random(seed)
+    picked = [rng.choice(prompts) for _ in range(n)]
+    answers = sample_responses(sft, enc, picked, device, max_new_tokens, temperature=1.0,
+                               generator=torch.Generator(device).manual_seed(seed))
+    scores = proxy_scores(model, enc, picked, answers, device, missing_end_penalty=None)  # (n,) raw scores
+    ended = torch.tensor([a["ended"] for a in answers])
+    gain, bias, how = gain_and_bias(scores, ended, penalty)
+    model.head.weight.mul_(gain)
+    model.head.bias.mul_(gain).add_(bias)
+    reward = penalise_unfinished(scores * gain + bias, ended, penalty)
+    return {"gain": gain, "bias": bias, "normalised": how, "samples": n, "ended": ended.float().mean().item(),
+            "raw_mean": scores.mean().item(), "raw_std": scores.std().item(), "mean": reward.mean().item(),
+            "std": reward.std().item(), "max_new_tokens": max_new_tokens, "missing_end_penalty": penalty,
+            "seed": seed}
 
 
 # -----------------------------------------------------------------------------
@@ -233,6 +295,10 @@ if __name__ == "__main__":
 
     # -- data ------------------------------------------------------------------
     rows = load_preferences(args.data)  # read first: a bad line stops the run before anything is loaded
+    norm_prompts = None  # the train prompts of the normalisation (read now: a bad line stops before training)
+    if args.norm_samples and Path(args.norm_data).exists():
+        norm_prompts = [r["prompt"] for r in common.read_jsonl(args.norm_data, required=("prompt",),
+                                                               flag="--norm-data")]
 
     # -- model: the SFT trunk with a fresh scalar head -----------------------------
     gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage="sft")
@@ -265,9 +331,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     run = common.Run(args, "reward", model, optimizer, config=asdict(config), device=device)
 
-    def save(step, final=None, offset=0.0):
+    def save(step, final=None, norm=None):
         meta = {"stage": "reward", "config": asdict(config), "args": vars(args), "step": step,
-                "tokenizer": init_meta["tokenizer"], "init": args.init, "reward_offset": offset, "final": final or {}}
+                "tokenizer": init_meta["tokenizer"], "init": args.init, "reward_norm": norm, "final": final or {}}
         common.save_checkpoint(out, model, meta, run.resume_state(step))
 
     # -- the loop --------------------------------------------------------------
@@ -299,18 +365,27 @@ if __name__ == "__main__":
                 metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
         run.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
 
-    # -- normalise: the SFT samples of the feedback file score 0 on average (rank 0 alone from here) --
-    with common.autocast(device, dtype):
-        offset, n_texts = mean_score(model, enc, rows, args.batch_size, pad_id, device, config.block_size)
-    with torch.no_grad():
-        model.head.bias -= offset  # score() = head(h) - offset from now on
-    with common.autocast(device, dtype):
-        check, _ = mean_score(model, enc, rows, args.batch_size, pad_id, device, config.block_size)
-    print(f"normalised: mean score over {n_texts} responses of {args.data} was {offset:+.4f}, now {check:+.2e} "
-          f"(offset folded into the head's bias)")
+    # -- normalise: fresh SFT answers to train prompts score mean 0, std 1 (rank 0 alone from here) -----------
+    norm = None
+    if args.norm_samples:
+        sft, _, _ = common.load_policy(args.init, device, expect_stage="sft")
+        if norm_prompts is None:
+            print(f"note: --norm-data {args.norm_data} not found: normalising on the prompts of the training pairs")
+            norm_prompts = [p["row"]["prompt"] for p in train_pairs]
+        room = config.block_size - args.norm_max_new_tokens  # prompts that leave room for the answer
+        norm_prompts = [p for p in norm_prompts if len(encode_prompt(enc, p)) <= room]
+        if not norm_prompts:
+            common.die(f"--norm-max-new-tokens {args.norm_max_new_tokens}: no prompt of --norm-data leaves room for it")
+        with common.autocast(device, dtype):
+            norm = normalise(model, sft, enc, norm_prompts, args.norm_samples, args.norm_max_new_tokens, args.seed,
+                             device, args.missing_end_penalty)
+        print(f"normalised on {args.norm_samples} fresh SFT answers to train prompts ({norm['ended']:.0%} ended), "
+              f"{norm['normalised']}: gain {norm['gain']:.3f} and bias {norm['bias']:+.3f} folded into the head "
+              f"(meta.json: reward_norm); their reward now has mean {norm['mean']:+.3f} and std {norm['std']:.3f} "
+              f"(raw scores: {norm['raw_mean']:+.3f} and {norm['raw_std']:.3f})")
 
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "pairs")}
-    save(args.steps, final, offset=offset)
+    save(args.steps, final, norm=norm)
     if "reward/acc_gold" in final:
         print(f"held-out accuracy: {final['reward/acc_gold']:.3f} against the gold ranking "
               f"(labellers: {final['reward/label_acc_gold']:.3f}), {final['val/acc_label']:.3f} against the labels "

@@ -15,13 +15,20 @@ the action under the policy that sampled it:
 
 and the statistics PPO logs (clip fraction, approx KL(old || new), mean ratio, ...).
 
-The KL term is for a KL-to-reference penalty in the loss (GRPO's; PPO here charges its KL in the
-reward instead): Schulman's k3 estimator of KL(pi || pi_ref), always >= 0. The gradient it follows
-is not that of KL(pi || pi_ref): d kl / d logp = 1 - r with r = pi_ref / pi, and in expectation over
-tokens sampled from pi, E_pi[(1 - pi_ref / pi) grad log pi] = -sum_y pi_ref(y) grad log pi(y)
-= grad KL(pi_ref || pi): the gradient of the forward KL, from the reference to the policy. (k1 =
-logp - ref in the loss would follow E_pi[grad log pi] = 0 in expectation, no gradient at all: hence
-k3 only.)
+The KL term is a KL-to-reference penalty in the loss: PPO's --kl-estimator k3, and GRPO's KL-to-SFT
+term. Its value is Schulman's k3 estimator of KL(pi || pi_ref), always >= 0, but the gradient it
+follows is not that of KL(pi || pi_ref). Per token, with r = pi_ref / pi at the sampled action y,
+
+    d kl / d logp = 1 - r,        grad kl = (1 - pi_ref(y) / pi(y)) grad log pi(y)
+
+and in expectation over actions sampled from pi, E_pi[(1 - pi_ref / pi) grad log pi] = 0 - sum_y
+pi_ref(y) grad log pi(y) = grad KL(pi_ref || pi): the gradient of the FORWARD KL, from the reference
+to the policy. It too is zero only at pi = pi_ref, so the term does pull the policy back to the
+reference. Two limits to know: the expectation holds for actions drawn from pi itself, so after
+PPO's first minibatch (actions from pi_old) it is off by the ratio pi / pi_old, as in GRPO; and it
+acts at the visited states only. (k1 = logp - ref in the loss would follow E_pi[grad log pi] = 0:
+no gradient at all in expectation, hence k3 only. tests/test_kernels.py checks the per-token and the
+expected gradient against these formulas.)
 
 loss_t depends on the logits only through (logp_t, H_t), so the backward is exactly the
 token-log-prob backward (`logprobs.py`) with per-token upstream gradients

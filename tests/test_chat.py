@@ -99,7 +99,9 @@ def test_compare_prints_each_model_with_gold_and_proxy_scores(ckpts):
         ids = torch.tensor([encode_prompt(enc, prompt) + encode_response(enc, text)])
         with torch.no_grad():
             alone = rm(ids, torch.ones_like(ids))[0, -1].item()  # value at the last token, no padding at all
-        assert float(header.group(2)) == pytest.approx(alone, abs=0.006)
+        answer = out[header.end():].split("\n")[1]
+        unfinished = "[no <|end|>" in answer  # as PPO scores it: the missing-end penalty, -1
+        assert float(header.group(2)) == pytest.approx(-1.0 if unfinished else alone, abs=0.006)
     assert out.count("assistant> ") == 2
     # Interactive compare, ended by end of input (Ctrl-D); without a world or a reward model the scores
     # are skipped with a note, not an error.
@@ -121,3 +123,9 @@ def test_proxy_scores_right_padded_batch_equals_each_alone(ckpts):
         with torch.no_grad():
             ref = rm(ids, torch.ones_like(ids))[0, -1].item()
         assert score == pytest.approx(ref, abs=1e-5)
+    # as PPO scores them: an answer that never ended gets the missing-end penalty, or ('none') is read without <|end|>
+    assert chat.proxy_scores(rm, enc, prompt, texts[:2], "cpu", ended=[True, False])[1] == -1.0
+    unfinished = chat.proxy_scores(rm, enc, prompt, texts[:2], "cpu", ended=[True, False], missing_end_penalty=None)
+    ids = torch.tensor([encode_prompt(enc, prompt) + encode_response(enc, texts[1], end=False)])
+    with torch.no_grad():
+        assert unfinished[1] == pytest.approx(rm(ids, torch.ones_like(ids))[0, -1].item(), abs=1e-5)

@@ -237,11 +237,12 @@ def test_reward_with_grad_accum_under_torchrun_matches_one_process(chain, tmp_pa
     # The same four quarters of each batch, summed as (q0 + q1) + (q2 + q3) against ((q0 + q1) + q2) + q3.
     assert_curves_close(ddp, rows(tmp_path / "accum" / "metrics.jsonl"))
     assert_curves_close(ddp, rows(tmp_path / "one" / "metrics.jsonl"))
-    # Same trained weights on both ranks; rank 0 alone then folded the normalising offset into the bias.
+    # Same trained weights on both ranks; rank 0 alone then folded the normalising gain and bias into the head.
     w0, w1 = ranks[0]["models"]["model"], ranks[1]["models"]["model"]
-    assert same_weights(w0, w1, skip=("head.bias",))
-    offset = json.loads((tmp_path / "ddp" / "meta.json").read_text())["reward_offset"]
-    assert (w1["head.bias"] - w0["head.bias"]).item() == pytest.approx(offset, rel=1e-6)
+    assert same_weights(w0, w1, skip=("head.weight", "head.bias"))
+    norm = json.loads((tmp_path / "ddp" / "meta.json").read_text())["reward_norm"]
+    torch.testing.assert_close(w0["head.weight"], w1["head.weight"] * norm["gain"])
+    assert w0["head.bias"].item() == pytest.approx(w1["head.bias"].item() * norm["gain"] + norm["bias"], abs=1e-5)
     assert w0["head.bias"].equal(torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["head.bias"])
 
 

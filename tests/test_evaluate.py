@@ -1,6 +1,7 @@
 """evaluate.py: win rate, best-of-n and sequence log-probs against hand computations, and the files it
 writes (tiny models, a few prompts)."""
 
+import itertools
 import json
 import math
 import os
@@ -38,9 +39,65 @@ def test_best_of_n_takes_the_highest_proxy_among_the_first_n():
     assert evaluate.best_of_n(proxy, 1).tolist() == [0, 0, 0]
     assert evaluate.best_of_n(proxy, 2).tolist() == [1, 0, 0]
     assert evaluate.best_of_n(proxy, 4).tolist() == [3, 2, 0]
-    assert evaluate.best_of_n_kl(1) == 0.0
-    assert evaluate.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
-    assert evaluate.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert evaluate.best_of_n_kl_bound(1) == 0.0
+    assert evaluate.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert evaluate.best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def exact_best_of_n_kl(probs, scores, n):
+    """KL(best-of-n || base) of a categorical base with known probabilities, by enumerating all
+    len(probs)^n draws: the best is the draw with the highest score, ties broken uniformly at random
+    among the tied draws. Independent of evaluate's closed form."""
+    bon = [0.0] * len(probs)
+    for draw in itertools.product(range(len(probs)), repeat=n):
+        weight = math.prod(probs[y] for y in draw)
+        tied = [y for y in draw if scores[y] == max(scores[y] for y in draw)]
+        for y in tied:
+            bon[y] += weight / len(tied)
+    return sum(b * math.log(b / p) for b, p in zip(bon, probs) if b > 0)
+
+
+def test_best_of_n_kl_estimate_is_exact_on_the_empirical_distribution():
+    """The closed form over a prompt's K samples equals enumeration over those K samples as a
+    categorical (each 1/K), with tied scores and repeated answers; float noise on copies of one answer
+    changes nothing when the texts are given."""
+    scores = [0.5, -1.0, 0.5, 2.0, -1.0, 0.5, 1.0]  # two tie groups
+    texts = ["a", "b", "c", "d", "e", "a", "f"]      # "a" twice (same score), "c" ties with it
+    for n in (1, 2, 3, 4):
+        expected = exact_best_of_n_kl([1 / 7] * 7, scores, n)
+        assert evaluate.best_of_n_kl(torch.tensor([scores]), n, [texts]) == pytest.approx(expected, abs=1e-6)
+        noisy = torch.tensor([[0.5, -1.0, 0.5, 2.0, -1.0, 0.5 + 1e-6, 1.0]])  # the second "a": a float off
+        assert evaluate.best_of_n_kl(noisy, n, [texts]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_best_of_n_kl_estimate_against_the_exact_kl_of_a_known_categorical():
+    """Samples of a 6-way categorical with tied scores: the estimate from 64 samples per prompt (averaged
+    over 300 prompts) and from 4000 samples of one prompt is within 3 % of the exact KL, which is well
+    below the bound log n - (n - 1)/n; on answers that never repeat nor tie it reaches the bound."""
+    probs = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
+    scores = [0.3, -1.0, 1.2, 0.3, 2.0, -1.0]  # ties: answers 0 and 3, 1 and 5 (e.g. two unfinished ones)
+    g = torch.Generator().manual_seed(0)
+    for N, K in ((300, 64), (1, 4000)):
+        draws = torch.multinomial(torch.tensor(probs), N * K, replacement=True, generator=g).view(N, K)
+        texts = [[f"answer {y}" for y in row] for row in draws.tolist()]
+        for n in (2, 3, 4):
+            exact = exact_best_of_n_kl(probs, scores, n)
+            estimate = evaluate.best_of_n_kl(torch.tensor(scores)[draws], n, texts)
+            assert estimate == pytest.approx(exact, rel=0.03), (N, K, n)
+            assert exact < 0.85 * evaluate.best_of_n_kl_bound(n)  # the bound would be 15-20 % too far right
+    distinct = torch.randn(2, 4096, generator=g)
+    for n in (4, 64):
+        assert evaluate.best_of_n_kl(distinct, n) == pytest.approx(evaluate.best_of_n_kl_bound(n), rel=0.002)
+
+
+def test_best_of_n_kl_estimate_never_exceeds_the_bound():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        K = int(torch.randint(2, 65, (1,), generator=g))
+        proxy = torch.randint(0, 5, (3, K), generator=g).float()  # many ties
+        for n in (1, 2, 4, 16, 64):
+            kl = evaluate.best_of_n_kl(proxy, n)
+            assert -1e-12 <= kl <= evaluate.best_of_n_kl_bound(n) + 1e-12, (K, n, kl)
 
 
 def hand_case():
@@ -161,6 +218,12 @@ def test_sequence_kl_sums_the_response_tokens_log_ratio_at_the_temperature(stage
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([encode_prompt(enc, p) + r["ids"]])
         assert scores[i].item() == pytest.approx(rm(seq, torch.ones_like(seq))[0, -1].item(), abs=1e-5)
+    # as PPO scores it: an answer that never ended gets the missing-end penalty instead ('none': kept)
+    unfinished = [{**r, "ended": i != 1} for i, r in enumerate(responses)]
+    penalised = evaluate.proxy_scores(rm, enc, prompts, unfinished, "cpu", batch_size=2, missing_end_penalty=-1.5)
+    assert penalised[1].item() == -1.5 and penalised[[0, 2]].tolist() == scores[[0, 2]].tolist()
+    kept = evaluate.proxy_scores(rm, enc, prompts, unfinished, "cpu", batch_size=2, missing_end_penalty=None)
+    assert kept.tolist() == scores.tolist()
 
 
 def run_eval(d, *extra):
@@ -185,7 +248,8 @@ def test_results_json_and_markdown_have_every_field(stages):
     sft, ppo = results[0], results[1]
     assert sft["win_rate_vs_sft"] == 0.5 and sft["kl_to_sft"] == 0.0
     assert ppo["kl_to_sft"] > 0  # another model's own samples are likelier under itself
-    assert results[4]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    assert results[4]["kl_to_sft_bound"] == pytest.approx(math.log(4) - 3 / 4)
+    assert 0 <= results[3]["kl_to_sft"] <= results[4]["kl_to_sft"] <= results[4]["kl_to_sft_bound"] + 1e-9
     assert results[2]["proxy_score"] <= results[3]["proxy_score"] <= results[4]["proxy_score"]
     for r in results:  # the figures added with the splits (the hand-made case checks their values)
         for f in ("over_refusal_rate_lookalike", "sycophancy_rate", "gold_held_out_fresh_se", "gold_fact_se"):

@@ -45,12 +45,13 @@ def test_make_pairs_forms_every_pair_and_drops_identical_texts():
 def test_preference_rows_and_agreement_with_gold():
     world = World(0)
     good, bad = "Hello! How can I help you today?", "Ugh. Whatever"
-    pair = {"pair_id": 7, "prompt": "Hi!", "family": "greet", "a": bad, "b": good}
+    pair = {"pair_id": 7, "prompt": "Hi!", "family": "greet", "a": bad, "b": good, "a_ended": False, "b_ended": True}
     row = preference(pair, 2, "human", world)
     assert (row["chosen"], row["rejected"], row["labeler"], row["pair_id"]) == (good, bad, "human", 7)
+    assert (row["chosen_ended"], row["rejected_ended"]) == (True, False)  # the flags follow their answers
     assert row["gold_chosen"] == world.gold_score("Hi!", good) > row["gold_rejected"] == world.gold_score("Hi!", bad)
     flipped = preference(pair, 1, "human", world)
-    assert flipped["chosen"] == bad
+    assert flipped["chosen"] == bad and (flipped["chosen_ended"], flipped["rejected_ended"]) == (False, True)
     tie = {"gold_chosen": 0.5, "gold_rejected": 0.5}
     agreement, contradictions, decided = agreement_with_gold([row, row, flipped, tie])
     assert (agreement, contradictions, decided) == (pytest.approx(2 / 3), 1, 3)

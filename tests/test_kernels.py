@@ -342,6 +342,55 @@ def test_plain_logprobs_and_kl_are_the_formula(op):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ppo_kl_term_gradient_is_its_stated_formula(backend, device):
+    """The k3 KL-in-loss term (kernels/ppo_loss.py's docstring; GRPO's KL to SFT) on a 6-way categorical
+    at temperature 0.7, with every advantage 0 (no surrogate gradient) and the ratio 1:
+    per token, its gradient is (1 - pi_ref(y) / pi(y)) grad log pi(y);
+    in expectation over y ~ pi (each action as a token, weighted by pi(y) through a float mask), it is
+    grad KL(pi_ref || pi), the forward KL, and not grad KL(pi || pi_ref)."""
+    if backend == "triton":
+        triton_or_skip(device)
+    loss_fn = kernels.ppo_policy_loss if backend == "triton" else ppo.policy_loss
+    V, T, kl_coef = 6, 0.7, 1.0
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(V, generator=g, dtype=torch.float64) * 2      # the policy's logits at one state
+    z_ref = torch.randn(V, generator=g, dtype=torch.float64) * 2  # the reference's
+    logp64, ref_logp64 = torch.log_softmax(z / T, -1), torch.log_softmax(z_ref / T, -1)
+    pi, ref_pi = logp64.exp(), ref_logp64.exp()
+    actions = torch.arange(V, device=device)[None]                # (1, V): every action once, one state
+    zeros = torch.zeros(1, V, device=device)
+
+    def grad_of(weights):
+        """Gradient to the state's logits of the loss with per-token weights (float mask) `weights`."""
+        logits = z.float().to(device).repeat(1, V, 1).requires_grad_()        # (1, V, V): the same row V times
+        logp = logp64.float().to(device)[None]                                # old = logp: ratio 1
+        loss, stats = loss_fn(logits, actions, logp, zeros, weights.float().to(device)[None], clip_coef=0.2,
+                              temperature=T, ref_logprobs=ref_logp64.float().to(device)[None], kl_coef=kl_coef)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return grad[0].sum(0).double().cpu(), stats  # the rows share the state: their gradients add up
+
+    # expected: the loss is sum_y pi(y) k3(y) / sum_y pi(y) = E_pi[k3]
+    expected_grad, stats = grad_of(pi)
+    zz = z.clone().requires_grad_()
+    forward_kl = (ref_pi * (ref_logp64 - torch.log_softmax(zz / T, -1))).sum()
+    (grad_forward,) = torch.autograd.grad(forward_kl, zz)
+    zz = z.clone().requires_grad_()
+    logq = torch.log_softmax(zz / T, -1)
+    (grad_reverse,) = torch.autograd.grad((logq.exp() * (logq - ref_logp64)).sum(), zz)
+    torch.testing.assert_close(expected_grad, kl_coef * grad_forward, rtol=1e-4, atol=1e-6)
+    assert (expected_grad - grad_reverse).abs().max() > 0.05  # a different vector: the reverse KL's is not it
+    # its value is still k3's: an unbiased estimate of KL(pi || pi_ref)
+    reverse_kl = (pi * (logp64 - ref_logp64)).sum().item()
+    assert stats["kl"].item() == pytest.approx(reverse_kl, rel=1e-4)
+    # per token: (1 - pi_ref / pi) * grad log pi, with grad log pi(y) = (onehot(y) - pi) / T
+    for y in range(V):
+        got, _ = grad_of(torch.nn.functional.one_hot(torch.tensor(y), V).double())
+        formula = (1 - ref_pi[y] / pi[y]) * (torch.nn.functional.one_hot(torch.tensor(y), V).double() - pi) / T
+        torch.testing.assert_close(got, kl_coef * formula, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ppo_all_zero_mask(backend, device):
     if backend == "triton":
         triton_or_skip(device)

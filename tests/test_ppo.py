@@ -290,6 +290,50 @@ def run_rule_ppo(sign, steps=20):
     return sum(good[:3]) / 3, sum(good[-3:]) / 3
 
 
+class ZeroReward:
+    """A reward model that scores every answer 0: only the KL leash is left to act."""
+
+    def score(self, idx, mask):
+        return torch.zeros(idx.size(0))
+
+
+def next_token_kls(policy, ref, q, m):
+    """Exact KL(pi || ref) and KL(ref || pi) of the first answer token's distribution, mean over prompts."""
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(q, m)[:, -1].double(), -1)
+        ref_logp = torch.log_softmax(ref(q, m)[:, -1].double(), -1)
+    return ((logp.exp() * (logp - ref_logp)).sum(-1).mean().item(),
+            (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item())
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "full"])
+def test_every_kl_estimator_pulls_the_policy_back_to_the_reference(estimator):
+    """The reward fixed at 0, one-token answers, a policy started ~1 nat away from the reference,
+    kl_coef 1, 40 steps of rollout + ppo_update as shipped: KL(pi || ref) must fall by more than half,
+    and KL(ref || pi) with it. A KL whose gradient does not point to the reference cannot pass: with k3
+    and full charged in the reward (before issue 15) this run took KL(pi || ref) from 0.96 to 0.82 and
+    1.01, and k3 took KL(ref || pi) from 0.65 up to 1.56; k1 took both to 0.02. As loss terms, k3 and
+    full end at 0.05 and 0.03."""
+    policy, ref, value, _ = tiny_models()
+    with torch.no_grad():  # a policy away from the reference: its output layer perturbed
+        policy.lm_head.weight.add_(0.13 * torch.randn(policy.lm_head.weight.shape,
+                                                      generator=torch.Generator().manual_seed(5)))
+    args = make_args("--max-new-tokens", "1", "--minibatch-size", "8", "--ppo-epochs", "4", "--lr", "3e-3",
+                     "--missing-end-penalty", "none", "--kl-estimator", estimator)
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=args.lr, eps=1e-5)
+    q_eval, m_eval = random_prompts(64, torch.Generator().manual_seed(9), 2, 6)
+    kl_before, reverse_before = next_token_kls(policy, ref, q_eval, m_eval)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        q, m = random_prompts(32, g, 2, 6)
+        batch = ppo.rollout(policy, ref, value, ZeroReward(), q, m, args, 1.0, END, PAD, g)
+        ppo.ppo_update(policy, value, opt, batch, args, g)
+    kl_after, reverse_after = next_token_kls(policy, ref, q_eval, m_eval)
+    assert kl_before > 0.8, kl_before  # the start really is away from the reference
+    assert kl_after < 0.5 * kl_before and reverse_after < 0.5 * reverse_before, (kl_before, kl_after,
+                                                                                 reverse_before, reverse_after)
+
+
 def test_ppo_raises_a_known_rule_reward():
     start, end = run_rule_ppo(+1.0)
     assert start < 0.2 and end > start + 0.25, (start, end)  # ~1/8 of tokens at random, then well over
@@ -350,7 +394,10 @@ def test_a_run_logs_the_sft_model_at_step_0_then_every_step_and_prints_what_it_l
             assert f"{key} {row[key]:.4g} |" in printed[str(row["step"])], (row["step"], key)
     meta = json.loads((stages / "straight" / "meta.json").read_text())
     assert meta["stage"] == "ppo" and meta["step"] == 4
-    assert meta["final"] == {k: v for k, v in rows[-1].items() if k not in ("step", "episodes")}
+    assert meta["final"] == {k: v for k, v in rows[-1].items() if k not in ("step", "episodes", "eval/gold_per_prompt")}
+    # each evaluation also logs every prompt's gold score (hacking.py's verdict pairs them across steps)
+    assert len(rows[2]["eval/gold_per_prompt"]) == 4
+    assert sum(rows[2]["eval/gold_per_prompt"]) / 4 == pytest.approx(rows[2]["eval/gold_reward"])
 
 
 def test_kernels_torch_and_triton_log_the_same_metrics(stages, straight):

@@ -118,6 +118,25 @@ def test_load_preferences_reads_trl_and_hh_layouts(tmp_path):
     assert rows[0]["gold_chosen"] == 1.0  # other fields are kept
 
 
+def test_an_answer_that_never_ended_is_encoded_without_the_end_token():
+    """feedback.py's chosen_ended / rejected_ended: the reward model and DPO train on what the policy
+    wrote, so an answer cut at --max-new-tokens gets no <|end|> it never sampled; rows without the
+    flags (TRL, HH) end as before."""
+    from reward import tokenize_pairs
+    from tokenizer import encode_prompt, encode_response, special_id, train_bpe
+
+    enc = train_bpe("The feelt eats berries. Happy to help! " * 50, 280)
+    end = special_id(enc, "<|end|>")
+    rows = [{"prompt": "Hi!", "chosen": "Happy to help!", "rejected": "The feelt eats", "chosen_ended": True,
+             "rejected_ended": False},
+            {"prompt": "Hi!", "chosen": "The feelt eats", "rejected": "Happy to help!"}]
+    a, b = tokenize_pairs(enc, rows, block_size=64)
+    assert a["chosen"] == encode_response(enc, "Happy to help!") and a["chosen"][-1] == end
+    assert a["rejected"] == encode_response(enc, "The feelt eats", end=False) and end not in a["rejected"]
+    assert b["chosen"][-1] == end and b["rejected"][-1] == end
+    assert a["prompt"] == encode_prompt(enc, "Hi!")
+
+
 @pytest.mark.parametrize("bad_line, expected", [
     ('{"prompt": "Hi!", "chosen": "Hello!"}', "missing field 'rejected'"),
     ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!"}', "missing field 'rejected'"),
@@ -126,6 +145,8 @@ def test_load_preferences_reads_trl_and_hh_layouts(tmp_path):
     ('{"chosen": "Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Ugh."}', "'chosen' has no"),
     ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Yo\\n\\nAssistant: Ugh."}',
      "do not share"),
+    ('{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh.", "rejected_ended": "no"}',
+     "'rejected_ended' must be true or false"),
 ])
 def test_load_preferences_errors_name_file_and_line(tmp_path, bad_line, expected):
     path = write(tmp_path / "bad.jsonl", [{"prompt": "Hi!", "chosen": "Hello!", "rejected": "Ugh."}, bad_line])
@@ -164,7 +185,8 @@ def run_here(monkeypatch, script, *args):
 
 def reward_args(tmp, out, *extra):
     return ["reward.py", "--init", tmp / "sft", "--data", tmp / "preferences_and_ideals.jsonl", "--out", tmp / out,
-            "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--val-fraction", 0.25, *extra]
+            "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--val-fraction", 0.25, "--norm-samples", 2000,
+            "--norm-data", tmp / "data" / "prompts.jsonl", "--missing-end-penalty", -0.3, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +229,44 @@ def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
     for key in ("val/loss", "val/acc_label", "reward/acc_gold", "reward/label_acc_gold", "reward/gold_corr"):
         assert key in rows[1] and key in meta["final"]
     assert 0 <= meta["final"]["reward/acc_gold"] <= 1
-    # Normalised: the preference file's responses (mostly SFT samples) now score 0 on average,
-    # recomputed here one response at a time through the saved checkpoint.
+    # Normalised as lm-human-preferences: fresh SFT answers to train prompts, sampled here with another
+    # seed and scored through the saved checkpoint as PPO scores them, have mean 0 +- 0.1 and std 1 +- 10 %.
+    # (This 3-step SFT model ends only ~10 % of its answers: the penalty -0.3 keeps the normalisation of
+    # the reward as PPO sees it possible, e / (1 - e) > p^2; gain_and_bias's own test covers the rest.)
+    norm = meta["reward_norm"]
+    assert norm["normalised"] == "the reward as PPO sees it" and norm["missing_end_penalty"] == -0.3
+    assert norm["samples"] == 2000 and norm["max_new_tokens"] == 32 and norm["gain"] > 0
+    assert norm["mean"] == pytest.approx(0, abs=1e-5) and norm["std"] == pytest.approx(1, abs=1e-3)
+    assert abs(norm["raw_mean"]) > 0.2 or abs(norm["raw_std"] - 1) > 0.2  # (not normalised by chance)
+    import evaluate
+    from sampling import sample_responses
     model, enc, _ = common.load_scalar_model(tmp / "reward", "cpu")
-    from tokenizer import encode_prompt, encode_response
-    prefs = common.read_jsonl(tmp / "preferences_and_ideals.jsonl")  # what it was trained on
-    texts = {(r["prompt"], r[k]) for r in prefs for k in ("chosen", "rejected")}
-    with torch.no_grad():
-        scores = [model.score(torch.tensor([encode_prompt(enc, p) + encode_response(enc, t)]),
-                              torch.ones(1, len(encode_prompt(enc, p) + encode_response(enc, t)), dtype=torch.long)).item()
-                  for p, t in texts]
-    assert abs(sum(scores) / len(scores)) < 1e-4
-    assert meta["reward_offset"] != 0  # (the untrained head did not score them 0 by chance)
+    sft, _, _ = common.load_policy(tmp / "sft", "cpu")
+    prompts = [r["prompt"] for r in common.read_jsonl(tmp / "data" / "prompts.jsonl")]  # the train prompts
+    rng = random.Random(12345)
+    picked = [rng.choice(prompts) for _ in range(2000)]
+    answers = sample_responses(sft, enc, picked, "cpu", 32, generator=torch.Generator().manual_seed(12345))
+    scores = evaluate.proxy_scores(model, enc, picked, answers, "cpu", missing_end_penalty=-0.3)
+    assert abs(scores.mean().item()) < 0.1 and abs(scores.std().item() - 1) < 0.1, (scores.mean(), scores.std())
+
+
+@pytest.mark.parametrize("share_ended, penalty, expected", [
+    (0.8, -1.0, "the reward as PPO sees it"), (0.97, -2.0, "the reward as PPO sees it"),
+    (0.3, -1.0, "all scores (too few answers ended for the reward as PPO sees it)"), (0.8, None, "all scores"),
+    (1.0, -1.0, "all scores")])
+def test_gain_and_bias_give_the_reward_as_ppo_sees_it_mean_0_and_std_1(share_ended, penalty, expected):
+    from evaluate import penalise_unfinished
+    from reward import gain_and_bias
+
+    g = torch.Generator().manual_seed(0)
+    scores = 3.0 + 2.0 * torch.randn(5000, generator=g, dtype=torch.float64)
+    ended = torch.rand(5000, generator=g) < share_ended
+    gain, bias, how = gain_and_bias(scores, ended, penalty)
+    assert how == expected
+    normalised = scores * gain + bias  # where the answer ended; else the penalty, as PPO scores it
+    reward = penalise_unfinished(normalised, ended, penalty) if how == "the reward as PPO sees it" else normalised
+    assert reward.mean().item() == pytest.approx(0, abs=1e-9)
+    assert reward.var(unbiased=False).item() == pytest.approx(1, abs=1e-9)
 
 
 def test_reward_run_killed_at_a_checkpoint_resumes_to_the_same_run(chain, reward_run, kill_resume, same_run):
@@ -229,7 +277,7 @@ def test_reward_run_killed_at_a_checkpoint_resumes_to_the_same_run(chain, reward
     assert f"resumed from {tmp / 'r2'} at step 4" in resumed.stdout
     same_run(reward_run, tmp / "r2", steps=range(1, 6))
     a, b = (json.loads((tmp / d / "meta.json").read_text()) for d in ("reward", "r2"))
-    assert a["reward_offset"] == b["reward_offset"]
+    assert a["reward_norm"] == b["reward_norm"]
 
 
 def test_reward_model_learns_a_preference_it_can_see(chain, tmp_path, monkeypatch):
