@@ -20,6 +20,12 @@ pairs whose two texts are identical (nothing to compare), store them in pairs.js
                    (Singhal et al. 2023, A Long Way to Go: Investigating Length Correlations in RLHF)
   The defaults are world.LABELLER_BIASES, mild ones; 0 for all three gives the unbiased labeller's
   labels exactly. meta.json keeps them with --tau ("simulated_labeller").
+- `--labeler ai`: the AI labeller of rlaif.py (RLAIF): a GPT fine-tuned to judge (--labeller-model)
+  reads each pair against the principles of --constitution, in both orders, and keeps the soft label
+  P(chosen better than rejected) as "soft_label" (>= 0.5; reward.py trains on it). It never calls the
+  gold judge or world.py's rules: rlaif.py's docstring says what it knows and how. As for the human
+  labeller, the rows' gold scores are attached after the label, to measure it, never to make it.
+  --pairs reuses the pairs of another run (the human chain's SFT samples) instead of sampling anew.
 - `--labeler human`: you, in the terminal. Answer 1 or 2 (which response is better), s to skip,
   q to quit. Every answer is saved at once; `--resume` later continues with the pairs not yet
   answered (the pairs are fixed when pairs.jsonl is written, so they are the same ones).
@@ -29,7 +35,8 @@ layout, so reward.py and dpo.py read it like any preference data) plus "labeler"
 "gold_chosen", "gold_rejected", "pair_id", and "chosen_ended" / "rejected_ended" (false for an
 answer that ran out of tokens before <|end|>: reward.py and dpo.py then encode it without the end
 token, as the policy wrote it); skipped.jsonl (pairs a human skipped); pairs.jsonl;
-meta.json with the counts and the agreement with gold.
+meta.json with the counts and the agreement with gold. The AI labeller's rows also carry
+"soft_label" and "position_probs" (its p("(A)") with the pair's a first, and with b first).
 
 Saving: the whole preferences file is rewritten atomically (common.atomic_write_jsonl) after
 every human answer, never appended in place: a crash or Ctrl-C mid-write leaves the previous
@@ -50,15 +57,19 @@ policy improves.
     python feedback.py --labeler human --k 2 --num-prompts 50 --out out/feedback_me   # label yourself
     python feedback.py --labeler human --out out/feedback_me --resume                 # later, go on
     python feedback.py --device cuda --num-prompts 4000                               # one GPU
+    python feedback.py --labeler ai --constitution constitution.md --labeller-model out/rlaif_labeller \
+        --pairs out/feedback/pairs.jsonl --out out/feedback_ai                        # RLAIF (rlaif.py first)
 """
 
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
 
 import common
+import rlaif
 from sampling import encode_prompts, sample_responses
 from world import LABELLER_BIASES, load_world
 
@@ -78,7 +89,13 @@ g.add_argument("--max-new-tokens", type=common.positive_int, default=48)
 g.add_argument("--sample-batch-size", type=common.positive_int, default=256, help="sequences per generation batch")
 g = parser.add_argument_group("labelling")
 finite = common.number(float, math.isfinite, "must be a finite number")  # a bias may be negative
-g.add_argument("--labeler", default="simulated", choices=["simulated", "human"])
+g.add_argument("--labeler", default="simulated", choices=["simulated", "human", "ai"])
+g.add_argument("--pairs", default=None, help="label these pairs (another run's pairs.jsonl) instead of sampling")
+g.add_argument("--constitution", default="constitution.md", help="AI labeller: the principles, one per line")
+g.add_argument("--labeller-model", default="out/rlaif_labeller", help="AI labeller: rlaif.py's checkpoint")
+g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"],
+               help="AI labeller: every principle averaged, or one drawn per comparison")
+g.add_argument("--label-batch-size", type=common.positive_int, default=256, help="AI labeller: pairs per batch")
 g.add_argument("--tau", type=common.positive_float, default=0.5,
                help="simulated labeller's noise: Bradley-Terry temperature")
 g.add_argument("--b-agree", type=finite, default=LABELLER_BIASES["b_agree"],
@@ -147,14 +164,34 @@ def human_labeler(total):
     return ask
 
 
-def preference(pair, choice, labeler, world):
+def ai_labeler(model, enc, principles, todo, mode, seed, batch_size, device):
+    """The AI labeller (rlaif.label_pairs): labels the next batch_size pairs of todo in one go, when asked
+    about the first of them. Returns ask(pair) -> 1 or 2, and its labels by pair_id ({"soft", "p_ab",
+    "p_ba"}: soft = P(a better than b), both orders averaged). Nothing but the labeller's GPT is called."""
+    labels, where = {}, {p["pair_id"]: n for n, p in enumerate(todo)}
+
+    def ask(pair):
+        if pair["pair_id"] not in labels:
+            batch = todo[where[pair["pair_id"]] : where[pair["pair_id"]] + batch_size]
+            for p, lab in zip(batch, rlaif.label_pairs(model, enc, batch, principles, mode, seed, device=device)):
+                labels[p["pair_id"]] = lab
+        return 1 if labels[pair["pair_id"]]["soft"] >= 0.5 else 2
+    return ask, labels
+
+
+def preference(pair, choice, labeler, world, ai=None):
     """The stored label: TRL's {"prompt","chosen","rejected"} plus where it came from, and whether each
-    answer ended (an unfinished one is trained as it was sampled: without <|end|>)."""
+    answer ended (an unfinished one is trained as it was sampled: without <|end|>). ai: the AI
+    labeller's label of the pair (soft_label = P(chosen better than rejected)). The gold scores are
+    attached after the choice, to measure the labeller, whichever it was."""
     first, second = ("a", "b") if choice == 1 else ("b", "a")
     chosen, rejected = pair[first], pair[second]
     row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "labeler": labeler,
            "family": pair["family"], "pair_id": pair["pair_id"],
            "chosen_ended": pair.get(f"{first}_ended", True), "rejected_ended": pair.get(f"{second}_ended", True)}
+    if ai is not None:
+        row["soft_label"] = ai["soft"] if choice == 1 else 1 - ai["soft"]
+        row["position_probs"] = [ai["p_ab"], ai["p_ba"]]
     if world is not None:
         row["gold_chosen"] = world.gold_score(pair["prompt"], chosen)
         row["gold_rejected"] = world.gold_score(pair["prompt"], rejected)
@@ -202,6 +239,20 @@ if __name__ == "__main__":
                 f"--{k.replace('_', '-')} {v:g}" for k, v in before.items()) + "; pass the same, or start over "
                 "without --resume")
         print(f"resumed {out}: {len(pairs)} pairs, {len(prefs)} labelled, {len(skipped)} skipped")
+    elif args.pairs:  # another run's pairs (the same SFT samples, labelled by another labeller)
+        labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
+        if any(r.get("labeler") == "human" for r in labelled):
+            common.die(f"--out {out}: already holds human labels; pass --resume to continue them, or pick another --out")
+        pairs = common.read_jsonl(args.pairs, required=("prompt", "a", "b"), flag="--pairs")
+        source = Path(args.pairs).parent / "meta.json"
+        source = common.load_meta(source.parent, "feedback", "--pairs") if source.exists() else {}
+        n_identical, tokenizer = source.get("counts", {}).get("identical", 0), source.get("tokenizer")
+        for stale in (prefs_path, skipped_path):
+            if stale.exists():
+                stale.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        common.atomic_write_jsonl(pairs_path, pairs)
+        print(f"pairs: {len(pairs)} from {args.pairs} (no sampling)")
     else:
         labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
         if any(r.get("labeler") == "human" for r in labelled):
@@ -267,9 +318,24 @@ if __name__ == "__main__":
         common.atomic_write_jsonl(skipped_path, skipped)
         meta = {"stage": "feedback", "args": vars(args), "init": args.init, "tokenizer": tokenizer,
                 "labeler": args.labeler, "simulated_labeller": labeller if args.labeler == "simulated" else None,
+                "ai_labeller": ai_meta,
                 "counts": {"pairs": len(pairs), "labels": len(prefs), "skipped": len(skipped), "identical": n_identical},
                 "final": final or {}}
         common.atomic_write_json(out / "meta.json", meta)
+
+    ai_meta = None
+    if args.labeler == "ai":  # the labeller and the principles it reads, and which of them it was trained on
+        principles = rlaif.read_constitution(args.constitution)
+        device, _ = common.setup_device(args.device)
+        judge_model, judge_enc, judge_meta = common.load_policy(args.labeller_model, device, expect_stage="rlaif_labeller",
+                                                                flag="--labeller-model")
+        trained = judge_meta.get("trained_contrasts", {})
+        unseen = [c for c in principles if not trained.get(c)]
+        for c in unseen:
+            print(f"note: the labeller was never trained on the principle {c!r}: it reads it all the same")
+        ai_meta = {"model": args.labeller_model, "constitution": principles, "principles": args.principles,
+                   "unseen_principles": unseen}
+        tokenizer = tokenizer or judge_meta["tokenizer"]
 
     if not args.resume or not (out / "meta.json").exists():
         save()
@@ -279,15 +345,23 @@ if __name__ == "__main__":
     todo = [p for p in pairs if p["pair_id"] not in done]
     if args.steps:
         todo = todo[: args.steps]
-    human = args.labeler == "human"
-    ask = human_labeler(len(pairs)) if human else simulated_labeler(world, seed=args.seed, **labeller)
-    if human:
+    human, ai_labels = args.labeler == "human", None
+    if args.labeler == "ai":
+        ask, ai_labels = ai_labeler(judge_model, judge_enc, principles, todo, args.principles, args.seed,
+                                    args.label_batch_size, device)
+    else:
+        ask = human_labeler(len(pairs)) if human else simulated_labeler(world, seed=args.seed, **labeller)
+    if args.labeler == "ai":
+        print(f"AI labeller {args.labeller_model}: {len(principles)} principles of {args.constitution} "
+              f"({args.principles}), both orders of every pair, {args.label_batch_size} pairs per batch")
+    elif human:
         print(f"{len(todo)} pairs to label. For each, which response is better? (answers are saved as you go)")
     else:
         print(f"simulated labeller: tau {args.tau:g}; biases (logits): agree {args.b_agree:g}, refuse {args.b_refuse:g}, "
               f"length {args.b_len:g} per 10 words (0 everywhere: unbiased)")
     # counter "label": labels done in all sessions; Ctrl-C saves and exits (a human's is read by input() as "q")
     labels = common.steps(len(done), len(pairs), save, out, counter="label", ctrl_c=not human)
+    t_labels, n = time.time(), 0
     for n, (_, pair) in enumerate(zip(labels, todo), 1):
         choice = ask(pair)
         if choice == "q":
@@ -295,7 +369,10 @@ if __name__ == "__main__":
         if choice == "s":
             skipped.append({"pair_id": pair["pair_id"]})
         else:
-            prefs.append(preference(pair, choice, args.labeler, world))
+            prefs.append(preference(pair, choice, args.labeler, world,
+                                    ai=ai_labels[pair["pair_id"]] if ai_labels is not None else None))
+        if args.labeler == "ai" and n % args.label_batch_size == 0:
+            print(f"labelled {n} of {len(todo)} pairs ({time.time() - t_labels:.0f}s)", flush=True)
         if human or n % args.save_every == 0:  # a human's answer is never lost; simulated ones are cheap to redo
             save()
     labels.close()  # (the loop may stop before the labels do: q, or --steps)
@@ -310,6 +387,11 @@ if __name__ == "__main__":
         golds = [g for r in prefs for g in (r["gold_chosen"], r["gold_rejected"])]
         if golds:
             final["feedback/gold_mean"] = sum(golds) / len(golds)
+    if args.labeler == "ai" and prefs:
+        final["feedback/labels_per_second"] = n / max(1e-9, time.time() - t_labels)
+        final["feedback/soft_label_mean"] = sum(r["soft_label"] for r in prefs) / len(prefs)
+        final["feedback/position_same"] = sum((r["position_probs"][0] > 0.5) == (r["position_probs"][1] > 0.5)
+                                              for r in prefs) / len(prefs)
     save(final=final)
     print(f"labels: {len(prefs)} of {len(pairs)} pairs ({len(skipped)} skipped, {final['feedback/remaining']} left)")
     if world is not None and n_decided:

@@ -5,6 +5,13 @@ The labels only say "a is better than b". Bradley-Terry turns that into a model 
     P(chosen > rejected) = sigmoid(r(prompt, chosen) - r(prompt, rejected))
     loss = -log sigmoid(r_chosen - r_rejected)        (bt_loss below, with F.logsigmoid)
 
+A soft label p = P(chosen > rejected) (the AI labeller's "soft_label", RLAIF) makes it the
+cross-entropy against p instead of 1, minimised where sigmoid(r_chosen - r_rejected) = p:
+
+    loss = -[p log sigmoid(r_chosen - r_rejected) + (1 - p) log sigmoid(r_rejected - r_chosen)]
+
+(a row without "soft_label" has p = 1: the hard label, the first formula.)
+
 r is read at the last real token of <|user|> prompt <|assistant|> response <|end|> (of an answer
 that ran out of tokens, its last token: it is trained as it was sampled): the one
 position whose hidden state has seen the whole answer. Sequences are right-padded, so that
@@ -123,6 +130,9 @@ def load_preferences(path, flag="--data"):
         for key in ("chosen_ended", "rejected_ended"):  # optional (feedback.py writes them)
             if key in row and not isinstance(row[key], bool):
                 common.die(f"{where}: field '{key}' must be true or false, got {row[key]!r}")
+        soft = row.get("soft_label", 1.0)  # optional (the AI labeller writes it): P(chosen > rejected)
+        if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0 <= soft <= 1:
+            common.die(f"{where}: field 'soft_label' must be a number from 0 to 1, got {soft!r}")
         if "prompt" not in row:
             prompt, chosen = split_hh(row["chosen"], where, "chosen")
             prompt_r, rejected = split_hh(row["rejected"], where, "rejected")
@@ -197,9 +207,19 @@ def score_pairs(model, pairs, pad_id, device):
 # The loss
 
 
-def bt_loss(r_chosen, r_rejected):
-    """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected). logsigmoid never overflows."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def bt_loss(r_chosen, r_rejected, target=None):
+    """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected); with soft labels target = p per pair,
+    the mean of -[p log sigmoid(d) + (1 - p) log sigmoid(-d)], d = r_chosen - r_rejected (p = 1: the
+    same). logsigmoid never overflows."""
+    d = r_chosen - r_rejected
+    if target is None:
+        return -F.logsigmoid(d).mean()
+    return -(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean()
+
+
+def soft_targets(pairs, device=None):
+    """(B,) p = P(chosen > rejected) of each pair: its row's "soft_label", else 1 (a hard label)."""
+    return torch.tensor([float(p["row"].get("soft_label", 1.0)) for p in pairs], device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +237,7 @@ def evaluate(model, pairs, batch_size, pad_id, device):
         rr.append(j.float().cpu())
     model.train()
     rc, rr = torch.cat(rc), torch.cat(rr)
-    out = {"val/loss": bt_loss(rc, rr).item(), "val/acc_label": (rc > rr).float().mean().item()}
+    out = {"val/loss": bt_loss(rc, rr, soft_targets(pairs)).item(), "val/acc_label": (rc > rr).float().mean().item()}
     rows = [p["row"] for p in pairs]
     if all("gold_chosen" in r for r in rows):
         gc = torch.tensor([r["gold_chosen"] for r in rows])
@@ -350,7 +370,8 @@ if __name__ == "__main__":
             with common.autocast(device, dtype):
                 r_chosen, r_rejected = score_pairs(train_model, [train_pairs[i] for i in micro], pad_id, device)  # (b,)
             # Equal micro-batches: the mean of their mean losses is the mean over the batch.
-            loss = bt_loss(r_chosen.float(), r_rejected.float()) / args.grad_accum
+            target = soft_targets([train_pairs[i] for i in micro], device)  # 1 for hard labels
+            loss = bt_loss(r_chosen.float(), r_rejected.float(), target) / args.grad_accum
             loss.backward()
             sums["reward/loss"] += loss.item()
             sums["reward/accuracy"] += (r_chosen > r_rejected).float().mean().item() / args.grad_accum
