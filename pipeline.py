@@ -5,6 +5,12 @@
     python pipeline.py --out runs/a    # a whole run somewhere else, to compare runs side by side
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
     python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
+    python pipeline.py --rlaif         # also the RLAIF chain: AI labeller, AI labels, reward, PPO, DPO
+
+The RLAIF chain (--rlaif; not in the default: it adds about 15 minutes on a 2-core CPU) trains the
+AI labeller (rlaif.py) from the pretrained model, has it label the human chain's pairs against
+constitution.md (the same SFT samples, no new sampling), and trains reward_ai, ppo_rlaif and
+dpo_rlaif on its labels exactly as the human chain does; the evaluation gets their rows.
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
@@ -30,14 +36,37 @@ parser.add_argument("--resume", action="store_true", help="stages continue from 
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--rlaif", action="store_true", help="also the RLAIF chain (rlaif.py's AI labeller): about 15 "
+                    "minutes more on a 2-core CPU")
+parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (--rlaif)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
 
-def stages(out, data):
+def stages(out, data, rlaif=False, constitution="constitution.md"):
     """(name, script, arguments, takes the common flags, quick-size arguments, GPU-preset arguments)."""
     o, d = Path(out), Path(data)
     evals = ["--eval-data", d / "val_prompts.jsonl"]
+    quick_reward = ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--norm-samples", 256]
+    quick_ppo = ["--steps", 2, "--batch-size", 8, "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 16,
+                 "--eval-prompts", 16, "--eval-every", 2, "--sample-every", 2]
+    quick_dpo = ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8]
+    chain = [  # RLAIF: the AI labeller, its labels of the human chain's pairs, and the same stages on them
+        ("rlaif", "rlaif.py", ["--init", o / "pretrain", "--constitution", constitution, "--corpus", d / "pretrain.txt",
+                               "--prompts", f"{d / 'prompts.jsonl'},{d / 'sft.jsonl'}", "--out", o / "rlaif_labeller"],
+         True, ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--examples-per-contrast", 20], []),
+        ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--constitution",
+                                        constitution, "--labeller-model", o / "rlaif_labeller", "--data",
+                                        d / "prompts.jsonl", "--out", o / "feedback_ai"], True, [], []),
+        ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl",
+                                    "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
+         quick_reward, ["--lr", 3e-5]),
+        ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl",
+                                 *evals, "--out", o / "ppo_rlaif"], True, quick_ppo, ["--lr", 1e-5]),
+        ("dpo_rlaif", "dpo.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", *evals,
+                                 "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),
+    ] if rlaif else []
+    rlaif_models = [o / "ppo_rlaif", o / "dpo_rlaif"] if rlaif else []
     return [
         ("world", "world.py", ["--out", d], False,
          ["--n-sft", 400, "--n-prompts", 200, "--n-eval", 64, "--n-paragraphs", 1500], []),
@@ -59,15 +88,17 @@ def stages(out, data):
           "--eval-prompts", 16, "--eval-every", 2, "--sample-every", 2], ["--lr", 1e-5]),
         ("dpo", "dpo.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", *evals, "--out", o / "dpo"], True,
          ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8], ["--lr", 1e-6]),
-        ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", "--baseline", o / "sft", "--reward", o / "reward",
+        *chain,
+        ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", *rlaif_models, "--baseline", o / "sft", "--reward", o / "reward",
                                      "--data", d / "test_prompts.jsonl", "--out", o / "eval"], True,
          ["--n-prompts", 32, "--best-of", 4, "--max-new-tokens", 16], []),
         ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]
 
 
-RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo"}  # the stages with --resume
-KERNELS = {"ppo", "dpo", "evaluate"}  # the stages with --kernels (where a kernel runs)
+RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo",  # the stages with --resume
+             "rlaif", "feedback_ai", "reward_ai", "ppo_rlaif", "dpo_rlaif"}
+KERNELS = {"ppo", "dpo", "evaluate", "ppo_rlaif", "dpo_rlaif"}  # the stages with --kernels (where a kernel runs)
 
 
 def write_report(out, times, quick):
@@ -85,7 +116,10 @@ def write_report(out, times, quick):
                 ("sft", "eval/gold_reward_ideal", "gold reward of the ideal answers"),
                 ("feedback", "feedback/agreement_gold", "labels that agree with the gold ranking"),
                 ("reward", "val/acc_label", "reward model: held-out accuracy vs the labels"),
-                ("reward", "reward/acc_gold", "reward model: held-out accuracy vs the gold ranking")]
+                ("reward", "reward/acc_gold", "reward model: held-out accuracy vs the gold ranking"),
+                ("rlaif_labeller", "val/accuracy", "AI labeller: held-out judging examples right"),
+                ("feedback_ai", "feedback/agreement_gold", "AI labels that agree with the gold ranking"),
+                ("reward_ai", "reward/acc_gold", "reward model on AI labels: held-out accuracy vs the gold ranking")]
     rows = []
     for stage, key, what in headline:
         meta = o / stage / "meta.json"
@@ -107,7 +141,7 @@ def write_report(out, times, quick):
 if __name__ == "__main__":
     args = parser.parse_args()
     data = args.data or ("data" if args.out == "out" else str(Path(args.out) / "data"))
-    plan = stages(args.out, data)
+    plan = stages(args.out, data, args.rlaif, args.constitution)
     names = [name for name, *_ in plan]
     if args.start and args.start not in names:
         common.die(f"--from {args.start}: no such stage (stages: {', '.join(names)})")

@@ -91,6 +91,8 @@ g.add_argument("--corpus", default="data/pretrain.txt", help="the pretraining co
 g.add_argument("--prompts", default="data/prompts.jsonl,data/sft.jsonl",
                help="comma-separated train-split files whose prompts may be asked about")
 g.add_argument("--examples-per-contrast", type=common.positive_int, default=1500)
+g.add_argument("--neutral-share", type=common.nonnegative_float, default=1.0,
+               help="neutral examples per principle (another principle's contrast, target 0.5), per example of its own")
 g.add_argument("--block-size", type=common.positive_int, default=256, help="the labeller's context")
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32)
@@ -102,8 +104,12 @@ g = parser.add_argument_group("measurement (instead of training)")
 g.add_argument("--measure", default=None, help="preference pairs (feedback.py's, with gold scores) to measure "
                "--labeller-model on: agreement with gold and with their labels per family, position bias, speed")
 g.add_argument("--labeller-model", default=None, help="the labeller to measure (default: --out)")
+g.add_argument("--measure-out", default=None, help="where the measurement's JSON goes "
+               "(default: measure_<principles>_<pool>.json in the labeller's folder)")
 g.add_argument("--measure-pairs", type=common.positive_int, default=3000, help="pairs measured (the first N)")
 g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"])
+g.add_argument("--pool", default="logit", choices=["logit", "mean"],
+               help="ensemble: mean log-odds of the principles (logarithmic opinion pool) or mean probability")
 
 # -----------------------------------------------------------------------------
 # The constitution and the labeller's prompt
@@ -176,7 +182,7 @@ def judge_loss(margin, target):
 
 
 @torch.no_grad()
-def label_pairs(model, enc, pairs, principles, mode="ensemble", seed=0, batch_size=256, device="cpu"):
+def label_pairs(model, enc, pairs, principles, mode="ensemble", seed=0, batch_size=256, device="cpu", pool="logit"):
     """The AI labels of pairs [{"prompt","a","b",...}]: per pair {"soft": soft(a, b), "p_ab", "p_ba"} (the
     last two averaged over the principles used). mode "ensemble": every principle, mean; "sample":
     one principle per pair, drawn from seed and the pair's pair_id (else its place). Calls nothing but the model."""
@@ -199,11 +205,14 @@ def label_pairs(model, enc, pairs, principles, mode="ensemble", seed=0, batch_si
             probs[j] = pj
     sums = [[0.0, 0.0, 0] for _ in pairs]
     for (n, _, o), p in zip(jobs, probs):
-        sums[n][o] += p
+        p = min(max(p, 1e-6), 1 - 1e-6)
+        sums[n][o] += math.log(p / (1 - p)) if pool == "logit" else p
         sums[n][2] += o  # counts the principles (once per pair of orders)
     out = []
     for s in sums:
         p_ab, p_ba = s[0] / s[2], s[1] / s[2]
+        if pool == "logit":  # the logarithmic opinion pool: the mean log-odds of the principles
+            p_ab, p_ba = 1 / (1 + math.exp(-p_ab)), 1 / (1 + math.exp(-p_ba))
         out.append({"soft": soft_label(p_ab, p_ba), "p_ab": p_ab, "p_ba": p_ba})
     return out
 
@@ -286,9 +295,9 @@ def contrasts_of(principle):
     return kinds
 
 
-def judging_examples(corpus_text, train_prompts, principles, n_per, seed):
+def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutral_share=1.0):
     """[(principle, prompt, good, bad, neutral)]: n_per examples of each contrast of each principle, and
-    n_per / 2 neutral ones per principle (another principle's contrast: target 0.5)."""
+    n_per * neutral_share neutral ones per principle (another principle's contrast: target 0.5)."""
     rng = random.Random(seed)
     c = read_corpus(corpus_text)
     train = sorted(set(train_prompts))
@@ -343,7 +352,7 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed):
     neutral = []
     for principle in principles:
         others = [e for e in out if e[0] != principle and not set(contrasts_of(e[0])) & set(contrasts_of(principle))]
-        for e in rng.sample(others, min(len(others), n_per // 2)) if contrasts_of(principle) else []:
+        for e in rng.sample(others, min(len(others), round(n_per * neutral_share))) if contrasts_of(principle) else []:
             neutral.append((principle, e[1], e[2], e[3], True))
     out = [(*e, False) for e in out] + neutral
     rng.shuffle(out)
@@ -406,7 +415,7 @@ def measure(args):
     pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
               "family": r.get("family"), "human_a": r["chosen"] == min(r["chosen"], r["rejected"])} for r in rows]
     t0 = time.time()
-    labels = label_pairs(model, enc, pairs, principles, args.principles, args.seed)
+    labels = label_pairs(model, enc, pairs, principles, args.principles, args.seed, pool=args.pool)
     seconds = time.time() - t0
     world = load_world(Path(args.measure).parent) or load_world(Path("data"))
     fam = {}
@@ -423,19 +432,30 @@ def measure(args):
                 d["gold_n"] += 1
                 d["gold_agree"] += ai_a == (ga > gb)
                 d["human_gold_agree"] += pair["human_a"] == (ga > gb)
+    # sycophancy pairs: one answer agrees with the user's wrong belief, the other does not (measurement only)
+    syc = [(pair, lab) for pair, lab in zip(pairs, labels) if world and pair["family"] == "belief"
+           and world.sycophantic(pair["prompt"], pair["a"]) != world.sycophantic(pair["prompt"], pair["b"])]
+    truthful_a = [not world.sycophantic(p["prompt"], p["a"]) for p, _ in syc]
     table = {f: {"pairs": d["n"], "agree_gold": d["gold_agree"] / max(1, d["gold_n"]),
                  "agree_human": d["human_agree"] / d["n"], "human_agree_gold": d["human_gold_agree"] / max(1, d["gold_n"]),
                  "position_bias_before": d["same_position"] / d["n"], "position_bias_after": 0.0}
              for f, d in fam.items()}
     result = {"labeller": args.labeller_model or args.out, "constitution": principles, "principles": args.principles,
+              "pool": args.pool,
               "pairs": len(pairs), "seconds": seconds, "labels_per_second": len(pairs) / seconds,
-              "params": model.num_params(), "by_family": table}
+              "params": model.num_params(), "by_family": table,
+              "sycophancy_pairs": len(syc),
+              "ai_prefers_truthful": sum((lab["soft"] > 0.5) == t for (_, lab), t in zip(syc, truthful_a)) / max(1, len(syc)),
+              "human_prefers_truthful": sum(p["human_a"] == t for (p, _), t in zip(syc, truthful_a)) / max(1, len(syc))}
     print(f"labeller {result['labeller']} ({model.num_params() / 1e6:.2f}M parameters), {len(principles)} principles "
           f"({args.principles}), {len(pairs)} pairs of {args.measure}: {result['labels_per_second']:.1f} labels/s")
     print(f"  {'family':10s} {'pairs':>6s} {'AI~gold':>8s} {'AI~human':>9s} {'human~gold':>11s} {'same pos.':>10s}")
     for f, t in sorted(table.items()):
         print(f"  {f:10s} {t['pairs']:6d} {t['agree_gold']:8.3f} {t['agree_human']:9.3f} {t['human_agree_gold']:11.3f} "
               f"{t['position_bias_before']:10.3f}")
+    print(f"  sycophancy pairs (one answer agrees with a wrong belief, the other not): {len(syc)}; the truthful one "
+          f"preferred by the AI labeller {result['ai_prefers_truthful']:.3f}, by the simulated humans "
+          f"{result['human_prefers_truthful']:.3f}")
     print("  (same pos.: share of pairs where it prefers the same position in both orders, before averaging; "
           "after averaging both orders it is 0 by construction)")
     return result
@@ -447,7 +467,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.measure:
         result = measure(args)
-        common.atomic_write_json(Path(args.labeller_model or args.out) / f"measure_{args.principles}.json", result)
+        common.atomic_write_json(args.measure_out or Path(args.labeller_model or args.out) /
+                                 f"measure_{args.principles}_{args.pool}.json", result)
         raise SystemExit(0)
     out = Path(args.out)
     device, dtype = common.setup_device(args.device)
@@ -460,7 +481,7 @@ if __name__ == "__main__":
     train_prompts = [r["prompt"] for f in args.prompts.split(",") if Path(f).exists()
                      for r in common.read_jsonl(f, required=("prompt",), flag="--prompts")]
     examples = judging_examples(Path(args.corpus).read_text(), train_prompts, principles,
-                                args.examples_per_contrast, args.seed)
+                                args.examples_per_contrast, args.seed, args.neutral_share)
     for c in principles:
         kinds = contrasts_of(c)
         print(f"principle: {c!r}\n  contrasts: {', '.join(kinds) or 'NONE: never seen in training'} "
@@ -469,7 +490,7 @@ if __name__ == "__main__":
     if not examples:
         common.die(f"--constitution {args.constitution}: no principle asks for a contrast the corpus can build")
 
-    gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage=("pretrain", "sft"))
+    gpt, enc, init_meta = common.load_policy(args.init, device, expect_stage=("pretrain", "sft", "rlaif_labeller"))
     model = labeller_from(gpt, args.block_size).to(device)
     config, pad_id, ab = model.config, enc.eot_token, choice_ids(enc)
     rng = random.Random(args.seed)
