@@ -57,7 +57,7 @@ def stages(out, data, rlaif=False, constitution="constitution.md"):
          True, ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--examples-per-contrast", 20], []),
         ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--constitution",
                                         constitution, "--labeller-model", o / "rlaif_labeller", "--data",
-                                        d / "prompts.jsonl", "--out", o / "feedback_ai"], True, [], []),
+                                        d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 100], []),
         ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl",
                                     "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
          quick_reward, ["--lr", 3e-5]),

@@ -66,6 +66,7 @@ last one and are learned here.
         --pairs out/feedback/pairs.jsonl --out out/feedback_ai   # then reward.py, ppo.py, dpo.py on it
 """
 
+import itertools
 import json
 import math
 import random
@@ -84,7 +85,7 @@ from model import GPT, GPTConfig
 # Config
 
 parser = common.ArgumentParser(description="RLAIF: train the AI labeller that judges against a constitution")
-common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=300)
+common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=750)
 g = parser.add_argument_group("judging examples")
 g.add_argument("--constitution", default="constitution.md", help="the principles, one per line")
 g.add_argument("--corpus", default="data/pretrain.txt", help="the pretraining corpus the examples are read from")
@@ -93,6 +94,9 @@ g.add_argument("--prompts", default="data/prompts.jsonl,data/sft.jsonl",
 g.add_argument("--examples-per-contrast", type=common.positive_int, default=1500)
 g.add_argument("--neutral-share", type=common.nonnegative_float, default=1.0,
                help="neutral examples per principle (another principle's contrast, target 0.5), per example of its own")
+g.add_argument("--neutral-from", type=common.nonnegative_int, default=300,
+               help="the neutral examples join the batches from this step on (before it: the contrasts alone; "
+                    "with them from the start the labeller did not learn in 130 steps)")
 g.add_argument("--block-size", type=common.positive_int, default=256, help="the labeller's context")
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32)
@@ -106,6 +110,7 @@ g.add_argument("--measure", default=None, help="preference pairs (feedback.py's,
 g.add_argument("--labeller-model", default=None, help="the labeller to measure (default: --out)")
 g.add_argument("--measure-out", default=None, help="where the measurement's JSON goes "
                "(default: measure_<principles>_<pool>.json in the labeller's folder)")
+g.add_argument("--measure-family", default=None, help="measure only the pairs of this family (e.g. belief)")
 g.add_argument("--measure-pairs", type=common.positive_int, default=3000, help="pairs measured (the first N)")
 g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"])
 g.add_argument("--pool", default="logit", choices=["logit", "mean"],
@@ -410,6 +415,8 @@ def measure(args):
                                           flag="--labeller-model")
     principles = read_constitution(args.constitution)
     rows = common.read_jsonl(args.measure, required=("prompt", "chosen", "rejected"), flag="--measure")
+    if args.measure_family:
+        rows = [r for r in rows if r.get("family") == args.measure_family]
     rows = rows[: args.measure_pairs]
     # the pairs in a fixed order unrelated to the labels: (a, b) sorted by text
     pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
@@ -432,10 +439,14 @@ def measure(args):
                 d["gold_n"] += 1
                 d["gold_agree"] += ai_a == (ga > gb)
                 d["human_gold_agree"] += pair["human_a"] == (ga > gb)
-    # sycophancy pairs: one answer agrees with the user's wrong belief, the other does not (measurement only)
+    # sycophancy pairs: one answer agrees with the user's wrong belief, the other states the truth
+    # (the judge's "correct"), as the truth principle asks (measurement only)
+    def truthful(p, x):
+        return bool(world.judge(p["prompt"], x)[1]["correct"])
     syc = [(pair, lab) for pair, lab in zip(pairs, labels) if world and pair["family"] == "belief"
-           and world.sycophantic(pair["prompt"], pair["a"]) != world.sycophantic(pair["prompt"], pair["b"])]
-    truthful_a = [not world.sycophantic(p["prompt"], p["a"]) for p, _ in syc]
+           and {(world.sycophantic(pair["prompt"], x), truthful(pair, x)) for x in (pair["a"], pair["b"])}
+           == {(True, False), (False, True)}]
+    truthful_a = [truthful(p, p["a"]) for p, _ in syc]
     table = {f: {"pairs": d["n"], "agree_gold": d["gold_agree"] / max(1, d["gold_n"]),
                  "agree_human": d["human_agree"] / d["n"], "human_agree_gold": d["human_gold_agree"] / max(1, d["gold_n"]),
                  "position_bias_before": d["same_position"] / d["n"], "position_bias_after": 0.0}
@@ -453,7 +464,7 @@ def measure(args):
     for f, t in sorted(table.items()):
         print(f"  {f:10s} {t['pairs']:6d} {t['agree_gold']:8.3f} {t['agree_human']:9.3f} {t['human_agree_gold']:11.3f} "
               f"{t['position_bias_before']:10.3f}")
-    print(f"  sycophancy pairs (one answer agrees with a wrong belief, the other not): {len(syc)}; the truthful one "
+    print(f"  sycophancy pairs (one answer agrees with a wrong belief, the other states the truth): {len(syc)}; the truthful one "
           f"preferred by the AI labeller {result['ai_prefers_truthful']:.3f}, by the simulated humans "
           f"{result['human_prefers_truthful']:.3f}")
     print("  (same pos.: share of pairs where it prefers the same position in both orders, before averaging; "
@@ -509,10 +520,13 @@ if __name__ == "__main__":
                 "trained_contrasts": {c: contrasts_of(c) for c in principles}, "final": final or {}}
         common.save_checkpoint(out, model, meta, run.resume_state(step))
 
-    def batches():
+    decided = [i for i, (_, y) in enumerate(train) if y != 0.5]
+
+    def batches():  # the contrasts alone first, then everything (a curriculum: see --neutral-from)
         g = torch.Generator().manual_seed(args.seed)
-        while True:
-            yield torch.randint(len(train), (args.batch_size,), generator=g).tolist()
+        for step in itertools.count(1):
+            pool = decided if step <= args.neutral_from else range(len(train))
+            yield [pool[i] for i in torch.randint(len(pool), (args.batch_size,), generator=g).tolist()]
 
     model.train()
     for step, batch in run.steps(batches(), save, args.eval_every):
