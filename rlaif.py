@@ -56,11 +56,15 @@ in different ways (the SFT samples it labels are mostly such): how it weighs one
 is not taught, only averaged over the principles. A principle that matches no contrast is never seen
 in training: the labeller reads it anyway, and feedback.py says so (measure it: `--measure`).
 
+Training is a curriculum: the contrasts alone for --neutral-from steps, then the neutral examples
+too (with them from the first step, a labeller stayed at chance for 130 steps). The labeller measured
+in the README was made in three runs (--init from the one before) rather than this one.
+
 The labeller's context is longer than the policy's (--block-size 256: a principle alone is about 60
 tokens of this corpus's BPE); the position embeddings past the pretrained 128 start as copies of the
 last one and are learned here.
 
-    python rlaif.py                                            # CPU: train the labeller, about a minute
+    python rlaif.py                                            # CPU: train the labeller, 5-10 minutes
     python rlaif.py --measure /tmp/run1/out/feedback/preferences.jsonl    # agreement, position bias, speed
     python feedback.py --labeler ai --constitution constitution.md --labeller-model out/rlaif_labeller \\
         --pairs out/feedback/pairs.jsonl --out out/feedback_ai   # then reward.py, ppo.py, dpo.py on it
@@ -542,9 +546,9 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         common.guard_finite(step, out, loss=loss.item(), grad_norm=grad_norm)
         optimizer.step()
-        decided = target != 0.5
+        judged = target != 0.5  # (neutral examples have no right answer)
         metrics = {"train/loss": loss.item(),
-                   "train/accuracy": ((margin > 0).float() == target)[decided].float().mean().item(),
+                   "train/accuracy": ((margin > 0).float() == target)[judged].float().mean().item(),
                    "train/lr": lr, "samples": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
             metrics["val/accuracy"], metrics["val/p_a"] = accuracy(model, val, pad_id, ab, device)
