@@ -221,6 +221,11 @@ if __name__ == "__main__":
         print(f"note: no world.json beside {args.data}: the labels get no gold scores")
 
     labeller = {k: getattr(args, k) for k in ("tau", "b_agree", "b_refuse", "b_len")}  # simulated: noise, biases
+    if args.labeler == "ai":  # the AI labeller and its constitution, read first: a bad one stops before any output
+        principles = rlaif.read_constitution(args.constitution)
+        device, _ = common.setup_device(args.device)
+        judge_model, judge_enc, judge_meta = common.load_policy(args.labeller_model, device, expect_stage="rlaif_labeller",
+                                                                flag="--labeller-model")
 
     # -- 1. the pairs: sampled once, then fixed ---------------------------------
     prefs, skipped = [], []
@@ -244,6 +249,9 @@ if __name__ == "__main__":
         if any(r.get("labeler") == "human" for r in labelled):
             common.die(f"--out {out}: already holds human labels; pass --resume to continue them, or pick another --out")
         pairs = common.read_jsonl(args.pairs, required=("prompt", "a", "b"), flag="--pairs")
+        for n, p in enumerate(pairs):  # pairs made elsewhere may lack them
+            p.setdefault("pair_id", n)
+            p.setdefault("family", None)
         source = Path(args.pairs).parent / "meta.json"
         source = common.load_meta(source.parent, "feedback", "--pairs") if source.exists() else {}
         n_identical, tokenizer = source.get("counts", {}).get("identical", 0), source.get("tokenizer")
@@ -324,11 +332,7 @@ if __name__ == "__main__":
         common.atomic_write_json(out / "meta.json", meta)
 
     ai_meta = None
-    if args.labeler == "ai":  # the labeller and the principles it reads, and which of them it was trained on
-        principles = rlaif.read_constitution(args.constitution)
-        device, _ = common.setup_device(args.device)
-        judge_model, judge_enc, judge_meta = common.load_policy(args.labeller_model, device, expect_stage="rlaif_labeller",
-                                                                flag="--labeller-model")
+    if args.labeler == "ai":  # the principles it reads, and which of them it was trained on
         trained = judge_meta.get("trained_contrasts", {})
         unseen = [c for c in principles if not trained.get(c)]
         for c in unseen:

@@ -179,3 +179,22 @@ def test_the_ai_path_never_calls_the_judge_or_the_rules(tiny, tmp_path, monkeypa
     with pytest.raises(AssertionError, match="World.gold_score"):  # (the patch is in force)
         world.gold_score(pairs[0]["prompt"], pairs[0]["a"])
     capsys.readouterr()
+
+
+def test_a_missing_constitution_stops_before_anything_is_written(tiny, tmp_path, monkeypatch, capsys):
+    tmp, _ = tiny
+    common.atomic_write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi!", "a": "Hello.", "b": "Ugh."}])
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "feedback.py", "--labeler", "ai", "--pairs", tmp_path / "pairs.jsonl", "--constitution", tmp_path / "none.md",
+        "--labeller-model", tmp_path / "nowhere", "--out", tmp_path / "fb_ai", "--device", "cpu"])))
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
+    assert e.value.code == 2 and "--constitution" in str(e.value) and "none.md" in str(e.value)
+    assert not (tmp_path / "fb_ai").exists()
+    empty = tmp_path / "empty.md"
+    empty.write_text("# only a comment\n\n")
+    monkeypatch.setattr(sys, "argv", [str(a) for a in sys.argv[:6]] + [str(empty)] + [str(a) for a in sys.argv[7:]])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
+    assert e.value.code == 2 and "no principle" in str(e.value)
+    capsys.readouterr()
