@@ -145,9 +145,9 @@ g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
-g.add_argument("--eval-every", type=common.positive_int, default=20,
+g.add_argument("--eval-every", type=common.positive_int, default=10,
                help="gold evaluation and checkpoint every N steps")
-g.add_argument("--sample-every", type=common.positive_int, default=20, help="print a few samples every N steps")
+g.add_argument("--sample-every", type=common.positive_int, default=10, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
 
 
