@@ -41,8 +41,8 @@ it from the prompt and the world's knowledge base: a sum, a + b of the prompt's 
 (World._enumerate); the list task, the last item of the prompt's own list (prompt_info's
 LIST_PATTERNS); a fact, World.facts. Never the learned reward model, never the gold judge's score.
 The answer is read from the response by a rule of this file: in each clause without a negation
-(not, no, never, n't), what follows its verb (is, equals, are, =) or, if no clause has one, the whole
-clause; the answer is right when the sums / list words / attribute values stated there are exactly
+(not, no, never, n't), what follows its verb (is, equals, are, =) or, if no clause has one, a clause
+of one word ("9."); the answer is right when the sums / list words / attribute values stated there are exactly
 the truth ("4 plus 3 is 7." and "The answer is 7." are right, "4 plus 3 is 8." and "7 or 8 is it"
 are not, nor is a restated sum other than the prompt's, "5 plus 4" or "4 plus 5"), and it must end
 with <|end|>. tests/test_grpo.py checks it on hand cases.
@@ -131,10 +131,11 @@ VERB = re.compile(r"\b(?:is|are|equals)\b|=")
 
 def stated(response, find):
     """What an answer states: find() over each clause without a negation, on what follows the clause's
-    verb (is, are, equals, =), or on the whole clause when no clause of the answer has a verb."""
+    verb (is, are, equals, =), or, when no clause of the answer has a verb, on its one-word clauses."""
     clauses = [c for c in re.split(r"[.,;:!?]", response.lower()) if c.strip() and not NEGATION.search(c)]
     with_verb = [VERB.split(c, maxsplit=1)[1] for c in clauses if VERB.search(c)]
-    return set().union(*map(find, with_verb if with_verb else clauses))
+    bare = [c for c in clauses if len(c.split()) == 1]  # "9." or "moon." alone; "9 plus!" is no answer
+    return set().union(*map(find, with_verb if with_verb else bare))
 
 
 def verify(world, prompt, response, ended):
