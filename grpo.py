@@ -90,14 +90,14 @@ def family_list(text):
 
 family_list.__name__ = f"comma-separated list of {', '.join(VERIFIABLE)}"
 parser = common.ArgumentParser(description="GRPO on verifiable rewards (no reward model, no critic)")
-common.add_common_args(parser, "grpo", init="out/sft", data="data/prompts.jsonl", steps=60, kernels=True)
+common.add_common_args(parser, "grpo", init="out/sft", data="data/prompts.jsonl", steps=80, kernels=True)
 g = parser.add_argument_group("rollout")
 g.add_argument("--families", type=family_list, default=["arith", "list"],
                help="the verifiable families trained and evaluated on (arith, list, fact)")
 g.add_argument("--prompts-per-step", type=common.positive_int, default=16, help="groups per step")
 g.add_argument("--group-size", type=common.number(int, lambda v: v >= 2, "must be at least 2"), default=8,
                help="G: answers sampled per prompt")
-g.add_argument("--max-new-tokens", type=common.positive_int, default=24, help="longest answer; longer ones are cut")
+g.add_argument("--max-new-tokens", type=common.positive_int, default=16, help="longest answer; longer ones are cut")
 g.add_argument("--temperature", type=common.positive_float, default=1.0,
                help="sampling temperature, also used to score log-probs")
 g = parser.add_argument_group("GRPO")
@@ -106,11 +106,11 @@ g.add_argument("--dr-grpo", action="store_true",
 g.add_argument("--loss-agg", choices=["answer", "token", "constant"], default=None,
                help="answer: per-answer mean, then mean (GRPO, the default); token: token mean over the batch "
                     "(DAPO); constant: sum / (answers * max-new-tokens) (Dr. GRPO's default)")
-g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.04, help="weight of the k3 KL-to-SFT loss term")
+g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.01, help="weight of the k3 KL-to-SFT loss term")
 g.add_argument("--epochs", type=common.positive_int, default=1, help="passes over each batch of answers")
 g.add_argument("--minibatch-size", type=common.positive_int, default=None,
                help="answers per gradient step (default: the whole batch, prompts-per-step * group-size)")
-g.add_argument("--lr", type=common.positive_float, default=2e-4, help="AdamW learning rate")
+g.add_argument("--lr", type=common.positive_float, default=3e-4, help="AdamW learning rate")
 g.add_argument("--clip-coef", type=common.nonnegative_float, default=0.2, help="PPO ratio clip")
 g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
@@ -118,7 +118,7 @@ g.add_argument("--eval-data", default="data/val_prompts.jsonl",
                help="validation prompts (those of --families) for the eval/* metrics")
 g.add_argument("--eval-prompts", type=common.nonnegative_int, default=200, help="how many of them (0: none)")
 g.add_argument("--eval-group-size", type=common.positive_int, default=8, help="answers per prompt: pass@1 and pass@G")
-g.add_argument("--eval-every", type=common.positive_int, default=20, help="evaluation and checkpoint every N steps")
+g.add_argument("--eval-every", type=common.positive_int, default=40, help="evaluation and checkpoint every N steps")
 g.add_argument("--sample-every", type=common.positive_int, default=20, help="print a few answers every N steps")
 
 
