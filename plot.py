@@ -123,7 +123,7 @@ PANELS = {
         ("Groups with no learning signal", "fraction of groups",
          [("grpo/zero_signal_groups", "all rewards equal"), ("grpo/solved_groups", "at least one right")]),
         ("Answer length, right and wrong", "tokens",
-         [("response/length_right", "right"), ("response/length_wrong", "wrong"),
+         [("response/length", "all"), ("response/length_right", "right"), ("response/length_wrong", "wrong"),
           ("eval/length_right", "right, validation"), ("eval/length_wrong", "wrong, validation")]),
         ("KL to the SFT model", "nats/sequence", [("objective/kl", "KL (k1)"), ("eval/kl_to_sft", "KL, validation")]),
         ("KL loss term (k3)", "nats/token", [("ppo/kl", "k3")]),
