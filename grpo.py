@@ -53,13 +53,12 @@ reward or reasoning tags; the reference is SFT for the whole run (R1 resets it);
 rate; plain temperature sampling (what the log-probs assume). Kept: G answers per prompt, the
 group-normalised outcome reward, the clipped surrogate, the k3 KL term in the loss, no critic.
 
-    python grpo.py                                 # CPU, the tiny world: arith and list, about 1.5 minutes
+    python grpo.py                                 # CPU, the tiny world: arith and list, 80 steps, about 1m40s
     python grpo.py --dr-grpo --out out/grpo_dr     # Dr. GRPO: no std division, constant normaliser
     python grpo.py --families arith,list,fact --steps 200
     python grpo.py --device cuda --prompts-per-step 64 --group-size 16       # one GPU (the fused loss)
 """
 
-import contextlib
 import re
 from dataclasses import asdict
 from pathlib import Path
