@@ -254,3 +254,18 @@ def test_bad_input_stops_with_one_clear_line(stages, tmp_path):
     (tmp_path / "elsewhere" / "p.jsonl").write_text('{"prompt": "What is 2 plus 3?"}\n')
     r = run_grpo(stages, tmp_path / "c", "--data", tmp_path / "elsewhere" / "p.jsonl")
     assert r.returncode == 2 and "world.json" in r.stderr and not (tmp_path / "c").exists()
+
+
+def test_killed_between_checkpoints_resumes_exactly_where_it_stopped(stages, kill_resume, same_run):
+    """Killed (SIGKILL) at step 3, after the checkpoint of step 2: --resume redoes step 3 and logs the
+    same rows, final metrics and weights as a run never interrupted."""
+    def argv(out):
+        return ["grpo.py", "--init", stages / "sft", "--data", stages / "data" / "prompts.jsonl", "--eval-data",
+                stages / "data" / "val_prompts.jsonl", "--out", out, "--prompts-per-step", 2, "--group-size", 3,
+                "--max-new-tokens", 5, "--eval-prompts", 3, "--eval-group-size", 2, "--eval-every", 2, "--steps", 4,
+                "--epochs", 2, "--minibatch-size", 3, "--device", "cpu"]
+    straight = subprocess.run([sys.executable, *map(str, argv(stages / "straight"))], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    kill_resume(argv(stages / "killed"), kill_at=3)
+    same_run(stages / "straight", stages / "killed", steps=range(0, 5))
