@@ -27,7 +27,8 @@ How the token losses become one number (--loss-agg), the choice Liu et al. 2025 
 R1-Zero-Like Training: A Critical Perspective", Dr. GRPO) question:
 - answer   (GRPO): mean over each answer's tokens, then mean over answers: (1/n) sum_i (1/|y_i|) sum_t
            loss_it. A long wrong answer pays less per token than a short one, so wrong answers are
-           pushed longer (and right ones shorter): the length bias Liu et al. describe.
+           pushed longer (and right ones shorter): the length bias Liu et al. describe (on this
+           world it did not show; the README's GRPO section has the measurement).
 - token    (DAPO, Yu et al. 2025): one mean over every token of the batch: sum_it loss_it / sum_i |y_i|.
 - constant (Dr. GRPO): sum_it loss_it / (n * max_new_tokens), a normaliser that depends on no answer.
 All three run through policy_loss's masked mean: 'answer' passes each token the weight 1/|y_i| as its
@@ -42,14 +43,14 @@ it from the prompt and the world's knowledge base: a sum, a + b of the prompt's 
 LIST_PATTERNS); a fact, World.facts. Never the learned reward model, never the gold judge's score.
 The answer is read from the response by a rule of this file: in each clause without a negation
 (not, no, never, n't), what follows its verb (is, equals, are, =) or, if no clause has one, a clause
-of one word ("9."); the answer is right when the sums / list words / attribute values stated there are exactly
-the truth ("4 plus 3 is 7." and "The answer is 7." are right, "4 plus 3 is 8." and "7 or 8 is it"
-are not, nor is a restated sum other than the prompt's, "5 plus 4" or "4 plus 5"), and it must end
-with <|end|>. tests/test_grpo.py checks it on hand cases.
+of one word ("9."); the answer is right when the numbers / list words / attribute values stated
+there are exactly the truth ("4 plus 3 is 7.", "The answer is 7." and "7." are right; "4 plus 3 is
+8.", "It is 7 or 8." and "It is not 7." are not, nor is a restated sum other than the prompt's,
+"4 plus 3" or "3 plus 4"), and it must end with <|end|>. tests/test_grpo.py checks it on hand cases.
 
 What this file simplifies against DeepSeekMath / R1: one process (no DDP); a tiny model, short
 answers (--max-new-tokens) and binary rewards on the tiny world's checkable families; no format
-reward or reasoning tags; the reference is SFT for the whole run (R1 resets it); a constant learning
+reward or reasoning tags; the reference is SFT for the whole run (DeepSeekMath's iterative GRPO resets it); a constant learning
 rate; plain temperature sampling (what the log-probs assume). Kept: G answers per prompt, the
 group-normalised outcome reward, the clipped surrogate, the k3 KL term in the loss, no critic.
 
