@@ -50,9 +50,10 @@ there are exactly the truth ("4 plus 3 is 7.", "The answer is 7." and "7." are r
 
 What this file simplifies against DeepSeekMath / R1: one process (no DDP); a tiny model, short
 answers (--max-new-tokens) and binary rewards on the tiny world's checkable families; no format
-reward or reasoning tags; the reference is SFT for the whole run (DeepSeekMath's iterative GRPO resets it); a constant learning
-rate; plain temperature sampling (what the log-probs assume). Kept: G answers per prompt, the
-group-normalised outcome reward, the clipped surrogate, the k3 KL term in the loss, no critic.
+reward or reasoning tags; the reference is SFT for the whole run (DeepSeekMath's iterative GRPO
+resets it); a constant learning rate; plain temperature sampling (what the log-probs assume). Kept:
+G answers per prompt, the group-normalised outcome reward, the clipped surrogate, the k3 KL term in
+the loss, no critic.
 
     python grpo.py                                 # CPU, the tiny world: arith and list, 80 steps, about 1m40s
     python grpo.py --dr-grpo --out out/grpo_dr     # Dr. GRPO: no std division, constant normaliser
