@@ -381,7 +381,7 @@ def load_tokenizer_or_die(path, flag):
         die(f"{flag}: cannot load the tokenizer {path} ({e})")
 
 
-def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo"), flag="--init"):
+def load_policy(stage_dir, device, expect_stage=("pretrain", "sft", "ppo", "dpo", "grpo"), flag="--init"):
     """A GPT checkpoint with its tokenizer: (model, enc, meta). Every check names the flag and folder."""
     from model import GPT, GPTConfig
 

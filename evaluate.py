@@ -406,7 +406,7 @@ if __name__ == "__main__":
               f"({', '.join(map(str, train_files))}), e.g. {seen[0]!r}: the figures on them are not held out",
               file=sys.stderr, flush=True)
     for path in args.models:  # every checkpoint checked before any sampling starts
-        common.load_meta(path, ("pretrain", "sft", "ppo", "dpo"), flag="model")
+        common.load_meta(path, ("pretrain", "sft", "ppo", "dpo", "grpo"), flag="model")
     baseline, enc, _ = common.load_policy(args.baseline, device, flag="--baseline")
     reward_model, _, _ = common.load_scalar_model(args.reward, device)
     encode_prompts(enc, prompts, baseline.config.block_size - args.max_new_tokens, where=args.data)

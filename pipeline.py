@@ -86,19 +86,23 @@ def stages(out, data, rlaif=False, constitution="constitution.md"):
                            "--out", o / "ppo"], True,
          ["--steps", 2, "--batch-size", 8, "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 16,
           "--eval-prompts", 16, "--eval-every", 2, "--sample-every", 2], ["--lr", 1e-5]),
+        ("grpo", "grpo.py", ["--init", o / "sft", "--data", d / "prompts.jsonl", *evals, "--out", o / "grpo"], True,
+         ["--steps", 2, "--prompts-per-step", 4, "--group-size", 2, "--max-new-tokens", 16, "--eval-prompts", 8,
+          "--eval-every", 2, "--sample-every", 2], []),
         ("dpo", "dpo.py", ["--init", o / "sft", "--data", o / "feedback" / "preferences.jsonl", *evals, "--out", o / "dpo"], True,
          ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--eval-prompts", 8], ["--lr", 1e-6]),
         *chain,
-        ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", *rlaif_models, "--baseline", o / "sft", "--reward", o / "reward",
+        ("evaluate", "evaluate.py", [o / "sft", o / "ppo", o / "dpo", o / "grpo", *rlaif_models, "--baseline", o / "sft",
+                                     "--reward", o / "reward",
                                      "--data", d / "test_prompts.jsonl", "--out", o / "eval"], True,
          ["--n-prompts", 32, "--best-of", 4, "--max-new-tokens", 16], []),
         ("plot", "plot.py", [o, "--out", o / "plots"], False, [], []),
     ]
 
 
-RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo",  # the stages with --resume
+RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "grpo",  # the stages with --resume
              "rlaif", "feedback_ai", "reward_ai", "ppo_rlaif", "dpo_rlaif"}
-KERNELS = {"ppo", "dpo", "evaluate", "ppo_rlaif", "dpo_rlaif"}  # the stages with --kernels (where a kernel runs)
+KERNELS = {"ppo", "dpo", "grpo", "evaluate", "ppo_rlaif", "dpo_rlaif"}  # the stages with --kernels (where a kernel runs)
 
 
 def write_report(out, times, quick):
@@ -156,6 +160,9 @@ if __name__ == "__main__":
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
             continue
+        if name == "evaluate":  # GRPO's row when out/grpo exists (a run of older stages only has none)
+            grpo_dir = Path(args.out) / "grpo"
+            stage_args = [a for a in stage_args if a != grpo_dir or (grpo_dir / "model.pt").exists()]
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device]

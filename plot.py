@@ -40,10 +40,11 @@ import common
 # -----------------------------------------------------------------------------
 # What to draw: per stage, panels of (title, y-axis unit, [(metric, legend label), ...])
 
-STAGES = ["pretrain", "sft", "feedback", "reward", "ppo", "dpo"]  # figure order
+STAGES = ["pretrain", "sft", "feedback", "reward", "ppo", "dpo", "grpo"]  # figure order
 STAGE_TITLES = {"pretrain": "Stage 0: pretraining", "sft": "Stage 1: supervised fine-tuning",
                 "feedback": "Stage 2a: human feedback (samples to label)", "reward": "Stage 2b: reward model",
-                "ppo": "Stage 3: PPO against the reward model", "dpo": "DPO on the preference pairs"}
+                "ppo": "Stage 3: PPO against the reward model", "dpo": "DPO on the preference pairs",
+                "grpo": "GRPO on verifiable rewards"}
 LR = ("Learning rate", "learning rate", [("train/lr", "lr")])
 GRAD_NORM = ("Gradient norm (before clipping)", "L2 norm", [("train/grad_norm", "grad norm")])
 GOLD = ("Gold reward, held out", "gold score per answer", [("eval/gold_reward", "gold reward")])
@@ -109,6 +110,27 @@ PANELS = {
         GOLD, GOLD_HELD_OUT, FAILURES,
         ("KL to the SFT model (own samples)", "nats/sequence", [("eval/kl_to_sft", "KL")]),
         LR, GRAD_NORM,
+    ],
+    "grpo": [
+        ("Verifier reward (training answers)", "fraction right and ended",
+         [("grpo/reward", "all"), ("grpo/reward_arith", "arith"), ("grpo/reward_list", "list"),
+          ("grpo/reward_fact", "fact")]),
+        ("pass@1, validation", "fraction right and ended",
+         [("eval/pass@1", "all"), ("eval/pass@1_arith", "arith"), ("eval/pass@1_list", "list"),
+          ("eval/pass@1_fact", "fact")]),
+        ("pass@G, validation", "fraction of prompts", [("eval/pass@G", "all"), ("eval/pass@G_arith", "arith"),
+                                                       ("eval/pass@G_list", "list"), ("eval/pass@G_fact", "fact")]),
+        ("Groups with no learning signal", "fraction of groups",
+         [("grpo/zero_signal_groups", "all rewards equal"), ("grpo/solved_groups", "at least one right")]),
+        ("Answer length, right and wrong", "tokens",
+         [("response/length_right", "right"), ("response/length_wrong", "wrong"),
+          ("eval/length_right", "right, validation"), ("eval/length_wrong", "wrong, validation")]),
+        ("KL to the SFT model", "nats/sequence", [("objective/kl", "KL (k1)"), ("eval/kl_to_sft", "KL, validation")]),
+        ("Answer length, all answers", "tokens", [("response/length", "length")]),
+        ("KL loss term (k3)", "nats/token", [("ppo/kl", "k3")]),
+        ("Policy entropy", "nats/token", [("ppo/entropy", "entropy")]),
+        ("Clip fraction", "fraction of tokens", [("ppo/clipfrac", "policy")]),
+        ("Answers without <|end|>", "fraction", [("response/no_end_rate", "no end")]),
     ],
 }
 

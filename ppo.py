@@ -71,7 +71,7 @@ Kept as there: reward on the last real token only, per-token k1 KL penalty in th
 adaptive KL controller, temperature applied when scoring log-probs, whitened advantages, optional
 reward whitening, clipped value loss, gamma = 1 and lam = 0.95.
 
-    python ppo.py                                   # CPU, the tiny world: 60 steps, about 5 minutes
+    python ppo.py                                   # CPU, the tiny world: 30 steps, about 2 minutes
     python ppo.py --adaptive-kl --target-kl 3       # let the controller choose kl_coef
     python ppo.py --kl-coef 0.05 --steps 150        # too little leash: watch the reward model get fooled
     python ppo.py --device cuda --batch-size 256 --minibatch-size 64 --max-new-tokens 64   # one GPU
@@ -101,7 +101,7 @@ unit_interval = common.number(float, lambda v: 0 <= v <= 1, "must be between 0 a
 
 
 parser = common.ArgumentParser(description="Stage 3: PPO against the reward model with a KL penalty to SFT")
-common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=60, kernels=True)
+common.add_common_args(parser, "ppo", init="out/sft", data="data/prompts.jsonl", steps=30, kernels=True)
 g = parser.add_argument_group("models")
 g.add_argument("--reward", default="out/reward", help="reward model folder (reward.py); the value model starts from it")
 g = parser.add_argument_group("rollout")
@@ -113,8 +113,10 @@ g.add_argument("--temperature", type=common.positive_float, default=1.0,
 g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_PENALTY,
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
-# 0.3, above the usual 0.05-0.2: a short leash for a reward model this easy to fool. What looser ones
-# do (0.1, 0) is hacking.py's measurement, reported in the README's reward-hacking section.
+# 0.3, above the usual 0.05-0.2: a short leash for a reward model this easy to fool. Chosen on the
+# validation prompts (hacking.py --kl-coefs 0,0.1,0.3, README's reward-hacking section): at 0.1 the gold
+# score peaks by step 20 and then falls; at 0.3 it reaches its level by step 20 and holds it to step
+# 120, hence 30 steps (the same curve as 60, in half the time).
 g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,
                help="KL penalty coefficient (the start value with --adaptive-kl)")
 g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3", "full"],
@@ -143,9 +145,9 @@ g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts for the eval/* metrics")
 g.add_argument("--eval-prompts", type=int, default=200, help="how many of them to evaluate periodically (0: none)")
-g.add_argument("--eval-every", type=common.positive_int, default=20,
+g.add_argument("--eval-every", type=common.positive_int, default=10,
                help="gold evaluation and checkpoint every N steps")
-g.add_argument("--sample-every", type=common.positive_int, default=20, help="print a few samples every N steps")
+g.add_argument("--sample-every", type=common.positive_int, default=10, help="print a few samples every N steps")
 g.add_argument("--show-samples", type=int, default=3)
 
 

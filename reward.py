@@ -69,7 +69,7 @@ from tokenizer import encode_prompt, encode_response
 # Config
 
 parser = common.ArgumentParser(description="Stage 2b: Bradley-Terry reward model on preference pairs")
-common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=300)
+common.add_common_args(parser, "reward", init="out/sft", data="out/feedback/preferences.jsonl", steps=600)
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32,
                help="preference pairs per step, over all processes")

@@ -27,7 +27,7 @@ def interrupted_then_finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     # the stage's own Ctrl-C path (a test hook sends SIGINT at the end of step 12 of pretraining's 30)
     first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_TEST_FAULT": "SIGINT@step=12"})
-    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,dpo,evaluate")
+    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,grpo,dpo,evaluate")
     return out, first, second
 
 
@@ -48,9 +48,10 @@ def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_tes
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     data = out / "data"
     args = {stage: json.loads((out / stage / "meta.json").read_text())["args"]
-            for stage in ("sft", "feedback", "reward", "ppo", "dpo")}
+            for stage in ("sft", "feedback", "reward", "ppo", "grpo", "dpo")}
     assert args["sft"]["data"] == str(data / "sft.jsonl")
-    assert args["feedback"]["data"] == args["ppo"]["data"] == str(data / "prompts.jsonl")
+    assert args["feedback"]["data"] == args["ppo"]["data"] == args["grpo"]["data"] == str(data / "prompts.jsonl")
+    assert args["grpo"]["eval_data"] == str(data / "val_prompts.jsonl")
     assert args["reward"]["data"] == args["dpo"]["data"] == str(out / "feedback" / "preferences.jsonl")
     for stage in ("sft", "ppo", "dpo"):  # periodic evaluations: the validation split
         assert args[stage]["eval_data"] == str(data / "val_prompts.jsonl"), stage
@@ -64,6 +65,7 @@ def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_tes
     for key in ("name", "gold_reward", "gold_reward_se", "win_rate_vs_sft", "kl_to_sft", "proxy_score", "length",
                 "sycophancy_rate", "over_refusal_rate_lookalike", "refusal_rate_unsafe", "gold_held_out_fresh_se"):
         assert all(key in r for r in results), key
+    assert [r["name"] for r in results][:4] == ["sft", "ppo", "dpo", "grpo"]  # GRPO's row: out/grpo exists
 
 
 def test_an_unknown_stage_is_one_clear_line(tmp_path):
