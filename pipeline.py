@@ -7,7 +7,8 @@
     python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
     python pipeline.py --rlaif         # also the RLAIF chain: AI labeller, AI labels, reward, PPO, DPO
 
-The RLAIF chain (--rlaif; not in the default: it adds about 15 minutes on a 2-core CPU) trains the
+The RLAIF chain (--rlaif; not in the default: by its parts measured one by one on a busy 2-core CPU,
+it adds about 40 minutes, most of it labelling all 14,381 pairs at ~15 a second) trains the
 AI labeller (rlaif.py) from the pretrained model, has it label the human chain's pairs against
 constitution.md (the same SFT samples, no new sampling), and trains reward_ai, ppo_rlaif and
 dpo_rlaif on its labels exactly as the human chain does; the evaluation gets their rows.
@@ -36,8 +37,8 @@ parser.add_argument("--resume", action="store_true", help="stages continue from 
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
-parser.add_argument("--rlaif", action="store_true", help="also the RLAIF chain (rlaif.py's AI labeller): about 15 "
-                    "minutes more on a 2-core CPU")
+parser.add_argument("--rlaif", action="store_true", help="also the RLAIF chain (rlaif.py's AI labeller): about 40 "
+                    "minutes more on a 2-core CPU (estimated from its parts)")
 parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (--rlaif)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
