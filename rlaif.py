@@ -83,7 +83,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, last_token_index
+from reward import collate
 
 # -----------------------------------------------------------------------------
 # Config
@@ -163,13 +164,9 @@ def encode_judgement(enc, principle, prompt, a, b, block_size):
 
 def choice_logits(model, seqs, pad_id, ab, device):
     """(N,) l_A - l_B at the last token of each right-padded sequence: the log-odds of "(A)" over "(B)"."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for n, s in enumerate(seqs):
-        idx[n, : len(s)] = torch.tensor(s, dtype=torch.long)
-    last = torch.tensor([len(s) - 1 for s in seqs])
+    idx, mask = collate(seqs, pad_id)
     logits = model(idx.to(device))  # (N, T, V); right padding: a causal row never sees its pads
-    at = logits[torch.arange(len(seqs)), last.to(device)]  # (N, V) at the answer slot
+    at = logits[torch.arange(len(seqs)), last_token_index(mask).to(device)]  # (N, V) at the answer slot
     return (at[:, ab[0]] - at[:, ab[1]]).float()
 
 
