@@ -105,6 +105,28 @@ def same_run():
     return check
 
 
+def tiny_stage(tmp, stage="sft", **world_sizes):
+    """What a stage's end-to-end test starts from: the tiny world's data in tmp/data (world.write_data
+    with world_sizes), a 300-token BPE in tmp/tok and an untrained tiny GPT (torch seed 0) saved as the
+    checkpoint tmp/<stage>. Returns (world, enc, gpt, meta), meta to save more checkpoints beside it."""
+    from dataclasses import asdict
+
+    import common
+    from model import GPT, GPTConfig
+    from tokenizer import save_tokenizer, train_bpe
+    from world import write_data
+
+    world = write_data(tmp / "data", **world_sizes)[0]
+    enc = train_bpe((tmp / "data" / "pretrain.txt").read_text(), 300)
+    save_tokenizer(enc, tmp / "tok")
+    config = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
+    meta = {"stage": stage, "config": asdict(config), "args": {}, "step": 0, "tokenizer": str(tmp / "tok"), "final": {}}
+    torch.manual_seed(0)
+    gpt = GPT(config)
+    common.save_checkpoint(tmp / stage, gpt, meta)
+    return world, enc, gpt, meta
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
     """The tiny chain data -> tokenizer -> pretrain -> sft -> feedback at a few-second size, every

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import evaluate  # noqa: E402
-from model import GPT, GPTConfig, ScalarModel  # noqa: E402
-from tokenizer import encode_prompt, save_tokenizer, train_bpe  # noqa: E402
+from conftest import tiny_stage  # noqa: E402
+from model import GPT, ScalarModel  # noqa: E402
+from tokenizer import encode_prompt  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -177,18 +177,9 @@ def test_training_overlap_finds_prompts_of_either_layout(tmp_path):
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """A tiny world and tokenizer, an "SFT" GPT, a different "PPO" GPT and a reward model."""
-    import world
-
     d = tmp_path_factory.mktemp("eval")
-    world.write_data(d / "data", seed=0, n_sft=10, n_prompts=10, n_eval=12, n_paragraphs=200)
-    enc = train_bpe((d / "data" / "pretrain.txt").read_text(), 300)
-    save_tokenizer(enc, d / "tok")
-    cfg = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    meta = {"config": asdict(cfg), "args": {}, "step": 0, "tokenizer": str(d / "tok"), "final": {}}
-    torch.manual_seed(0)
-    sft = GPT(cfg)
-    common.save_checkpoint(d / "sft", sft, {**meta, "stage": "sft"})
-    ppo = GPT(cfg)
+    _, enc, sft, meta = tiny_stage(d, "sft", seed=0, n_sft=10, n_prompts=10, n_eval=12, n_paragraphs=200)
+    ppo = GPT(sft.config)  # drawn after the SFT model from the same seed
     ppo.transformer.ln_f.weight.data.fill_(10.0)  # peaked: far from the near-uniform "SFT", KL clearly > 0
     common.save_checkpoint(d / "ppo", ppo, {**meta, "stage": "ppo"})
     common.save_checkpoint(d / "reward", ScalarModel.from_gpt(sft), {**meta, "stage": "reward"})

@@ -9,7 +9,6 @@ import random
 import runpy
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from conftest import metrics_without_time  # noqa: E402
+from conftest import metrics_without_time, tiny_stage  # noqa: E402
 from feedback import agreement_with_gold, make_pairs, preference, simulated_labeler  # noqa: E402
 from feedback import parser as feedback_parser  # noqa: E402
 from world import World, write_data  # noqa: E402
@@ -151,17 +150,8 @@ def test_human_session_labels_skips_quits_and_resumes_without_asking_again(pairs
 
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
-    from model import GPT, GPTConfig
-    from tokenizer import save_tokenizer, train_bpe
-
     tmp = tmp_path_factory.mktemp("feedback")
-    world = write_data(tmp / "data", n_sft=5, n_prompts=40, n_eval=5, n_paragraphs=300)[0]
-    enc = train_bpe((tmp / "data" / "pretrain.txt").read_text(), 300)
-    save_tokenizer(enc, tmp / "tok")
-    config = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    common.save_checkpoint(tmp / "sft", GPT(config), {"stage": "sft", "config": asdict(config),
-                                                       "tokenizer": str(tmp / "tok"), "step": 0, "final": {}})
+    world = tiny_stage(tmp, "sft", n_sft=5, n_prompts=40, n_eval=5, n_paragraphs=300)[0]
     return tmp, world
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
 import grpo  # noqa: E402
-from conftest import metrics_without_time  # noqa: E402
+from conftest import metrics_without_time, tiny_stage  # noqa: E402
 from model import GPT, GPTConfig, left_pad  # noqa: E402
 from ppo import truncate_at_end  # noqa: E402
 from sampling import response_logprobs  # noqa: E402
@@ -196,16 +194,8 @@ def test_grpo_learns_a_rule_reward_and_fails_with_the_sign_flipped(loss_agg):
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """A tiny world, tokenizer and a random "SFT" policy."""
-    import world
-    from tokenizer import save_tokenizer, train_bpe
-
     d = tmp_path_factory.mktemp("grpo")
-    world.write_data(d / "data", seed=0, n_sft=10, n_prompts=64, n_eval=32, n_paragraphs=200)
-    save_tokenizer(train_bpe((d / "data" / "pretrain.txt").read_text(), 300), d / "tok")
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    meta = {"stage": "sft", "config": asdict(cfg), "args": {}, "step": 0, "tokenizer": str(d / "tok"), "final": {}}
-    common.save_checkpoint(d / "sft", GPT(cfg), meta)
+    tiny_stage(d, "sft", seed=0, n_sft=10, n_prompts=64, n_eval=32, n_paragraphs=200)
     return d
 
 

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import ppo  # noqa: E402
-from conftest import metrics_without_time  # noqa: E402
+from conftest import metrics_without_time, tiny_stage  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel, left_pad  # noqa: E402
 from sampling import response_logprobs  # noqa: E402
 
@@ -348,17 +347,8 @@ def test_ppo_raises_a_known_rule_reward():
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """A tiny world, tokenizer, "SFT" policy (random) and reward model (ScalarModel of it)."""
-    import world
-    from tokenizer import save_tokenizer, train_bpe
-
     d = tmp_path_factory.mktemp("ppo")
-    world.write_data(d / "data", seed=0, n_sft=10, n_prompts=32, n_eval=8, n_paragraphs=200)
-    save_tokenizer(train_bpe((d / "data" / "pretrain.txt").read_text(), 300), d / "tok")
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    gpt = GPT(cfg)
-    meta = {"stage": "sft", "config": asdict(cfg), "args": {}, "step": 0, "tokenizer": str(d / "tok"), "final": {}}
-    common.save_checkpoint(d / "sft", gpt, meta)
+    _, _, gpt, meta = tiny_stage(d, "sft", seed=0, n_sft=10, n_prompts=32, n_eval=8, n_paragraphs=200)
     common.save_checkpoint(d / "reward", ScalarModel.from_gpt(gpt), {**meta, "stage": "reward"})
     return d
 

@@ -6,7 +6,6 @@ import json
 import math
 import runpy
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import rlaif  # noqa: E402
+from conftest import tiny_stage  # noqa: E402
 from reward import bt_loss, load_preferences  # noqa: E402
-from world import World, write_data  # noqa: E402
+from world import World  # noqa: E402
 
 RULES = ["gold_score", "judge", "_correct", "refused", "agrees", "sycophantic", "label", "answer_sentence",
          "ideal_response", "demonstrate", "prompt_info", "parse", "split_of"]
@@ -34,17 +34,8 @@ def forbid_the_world(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny world's data, a tokenizer, and an untrained 'pretrained' GPT to start a labeller from."""
-    from model import GPT, GPTConfig
-    from tokenizer import save_tokenizer, train_bpe
-
     tmp = tmp_path_factory.mktemp("rlaif")
-    write_data(tmp / "data", n_sft=40, n_prompts=200, n_eval=5, n_paragraphs=600)
-    enc = train_bpe((tmp / "data" / "pretrain.txt").read_text(), 300)
-    save_tokenizer(enc, tmp / "tok")
-    config = GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    common.save_checkpoint(tmp / "pretrain", GPT(config), {"stage": "pretrain", "config": asdict(config),
-                                                           "tokenizer": str(tmp / "tok"), "step": 0, "final": {}})
+    _, enc, _, _ = tiny_stage(tmp, "pretrain", n_sft=40, n_prompts=200, n_eval=5, n_paragraphs=600)
     return tmp, enc
 
 
