@@ -116,10 +116,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
     loss = (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)
     """
+    # exercise dpo_loss: log pi - log pi_ref of each answer; logits = beta * (chosen - rejected); the docstring's loss
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)  # (B,) the Bradley-Terry logit of the label
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    # end exercise
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 

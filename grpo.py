@@ -164,11 +164,13 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
     """rewards (n * G,), answers of a group consecutive -> advantages (n * G,): r - mean of the group,
     divided by (the group's unbiased std + eps) when scale_std (GRPO; Dr. GRPO: scale_std=False).
     A group of equal rewards gets 0 (std 0: 0 / eps), never NaN."""
+    # exercise grpo_advantage: rewards as (groups, G); minus each group's mean; if scale_std, over its std + eps; flatten
     r = rewards.view(-1, group_size)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale_std:
         advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
     return advantages.reshape(-1)
+    # end exercise
 
 
 def token_weights(mask, loss_agg):

@@ -117,6 +117,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, mask=None, kv_cache=None, layer=0):
         B, T, C = x.size()
+        # exercise causal_attention: heads (B, nh, T, hs); k, v through kv_cache; causal softmax(q k^T / sqrt(hs)) v; y (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -129,6 +130,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        # end exercise
         return self.resid_dropout(self.c_proj(y))
 
 

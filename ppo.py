@@ -217,10 +217,12 @@ def kl_per_token(logprobs, ref_logprobs, estimator="k1", logits=None, ref_logits
 
 def compute_rewards(scores, kl, mask, kl_coef):
     """Per-token rewards (B, R): -kl_coef * KL on every real token, plus the score on the last one."""
+    # exercise kl_penalty: -kl_coef * kl on every real token, plus each row's score on its last real token
     rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.size(0), device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores
     return rewards
+    # end exercise
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -230,6 +232,7 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     last real token (the episode is over). Vectorised over the batch, a loop over time.
     Returns (advantages, returns = advantages + values), both zero on padding.
     """
+    # exercise gae: t from last to first: delta = r_t + gamma V_t+1 - V_t; A_t = delta + gamma lam A_t+1; zero padding
     rewards, values = rewards * mask, values * mask
     B, T = rewards.shape
     advantages = torch.zeros_like(rewards)
@@ -240,6 +243,7 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
         lastgaelam = delta + gamma * lam * lastgaelam  # padding: delta = 0 and lastgaelam stays 0
         advantages[:, t] = lastgaelam
     return advantages * mask, (advantages + values) * mask
+    # end exercise
 
 
 def policy_loss(logits, responses, logprobs, advantages, mask, clip_coef=0.2, temperature=1.0, ref_logprobs=None,
@@ -261,10 +265,12 @@ def policy_loss(logits, responses, logprobs, advantages, mask, clip_coef=0.2, te
     newlogprob, entropy = token_logprobs(logits, responses, temperature)  # (B, R) each
     real = mask.bool()
     logratio = torch.where(real, newlogprob - logprobs, 0.0)  # padding: ratio 1, so exp() cannot overflow there
+    # exercise ppo_clip: ratio = exp(logratio); -A ratio and -A clamp(ratio, 1 -+ clip_coef); their elementwise max
     ratio = logratio.exp()
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
     pg_loss_max = torch.max(pg_losses, pg_losses2)
+    # end exercise
     kl = torch.zeros_like(newlogprob)
     if ref_logprobs is not None:
         log_r = torch.where(real, ref_logprobs - newlogprob, 0.0)  # log(pi_ref / pi)

@@ -211,10 +211,12 @@ def bt_loss(r_chosen, r_rejected, target=None):
     """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected); with soft labels target = p per pair,
     the mean of -[p log sigmoid(d) + (1 - p) log sigmoid(-d)], d = r_chosen - r_rejected (p = 1: the
     same). logsigmoid never overflows."""
+    # exercise bt_loss: d = r_chosen - r_rejected; mean of -log sigmoid(d), or -[p log s(d) + (1-p) log s(-d)]
     d = r_chosen - r_rejected
     if target is None:
         return -F.logsigmoid(d).mean()
     return -(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean()
+    # end exercise
 
 
 def soft_targets(pairs, device=None):

@@ -172,13 +172,17 @@ def choice_logits(model, seqs, pad_id, ab, device):
 
 def choice_prob(margin):
     """p(A) normalised over the two choices: exp(l_A) / (exp(l_A) + exp(l_B)) = sigmoid(l_A - l_B)."""
+    # exercise ai_preference: p("(A)") normalised over "(A)" and "(B)" from the margin l_A - l_B
     return torch.sigmoid(margin)
+    # end exercise
 
 
 def soft_label(p_ab, p_ba):
     """Both orders averaged: p_ab = p("(A)") with a first, p_ba = p("(A)") with b first. soft(a, b) =
     (p_ab + 1 - p_ba) / 2, so soft(b, a) = (p_ba + 1 - p_ab) / 2 = 1 - soft(a, b) exactly."""
+    # exercise ai_preference: a first gives p_ab for a; b first gives p_ba for b, so 1 - p_ba for a: average
     return (p_ab + 1 - p_ba) / 2
+    # end exercise
 
 
 def judge_loss(margin, target):

@@ -120,9 +120,11 @@ def collate(examples, pad_id):
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (p, r) in enumerate(examples):
+        # exercise sft_mask: x[b] = p + r but the last token; y[b] = the next token where it is a response token, else -100
         seq = torch.tensor(p + r, dtype=torch.long)
         x[b, : len(seq) - 1] = seq[:-1]
         y[b, len(p) - 1 : len(seq) - 1] = seq[len(p):]
+        # end exercise
     return x, y
 
 

@@ -48,6 +48,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 def _merge(ids, pair, new_id):
     """Replace every occurrence of `pair` in the list `ids` by `new_id`, left to right."""
+    # exercise bpe_merge: where ids[i], ids[i + 1] == pair put new_id and skip both, else keep ids[i]
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
@@ -57,6 +58,7 @@ def _merge(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+    # end exercise
 
 
 def train_bpe(text, vocab_size, name="tinyworld"):

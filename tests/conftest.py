@@ -164,3 +164,17 @@ def pretrain_args(tmp, out, *extra):
 @pytest.fixture(scope="session")
 def chain_pretrain_args():
     return pretrain_args
+
+
+# -----------------------------------------------------------------------------
+# The course: `-k <exercise>` selects the tests that grade it (exercises.EXERCISES lists them)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -k filter runs
+def pytest_collection_modifyitems(config, items):
+    from exercises import EXERCISES
+    graded_by = {test: name for name, (_, tests) in EXERCISES.items() for test in tests}
+    for item in items:
+        name = graded_by.get(item.nodeid.split("[")[0])  # "tests/test_ppo.py::test_gae_..." (params dropped)
+        if name:
+            item.extra_keyword_matches.add(name)

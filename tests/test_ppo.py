@@ -186,7 +186,7 @@ def test_score_logprobs_and_penalty_sit_on_the_real_tokens_whatever_the_padding(
         assert batch["rewards"][b, n:].abs().sum() == 0 and batch["advantages"][b, n:].abs().sum() == 0
 
 
-def test_rollout_advantages_are_its_own_gae_whitened_over_the_real_tokens():
+def test_rollout_advantages_are_the_advantage_estimate_of_its_rewards_whitened():
     """Not over the padding too: the advantages of the real tokens have mean 0 and variance 1, and are
     the GAE (by its definition, a float64 loop) of the rollout's own rewards and values, whitened."""
     policy, ref, value, rm = tiny_models()

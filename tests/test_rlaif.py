@@ -70,6 +70,16 @@ def test_the_prompt_carries_the_principle_and_both_answers_in_both_orders(tiny):
     assert seen == expected  # every principle, each in both orders, and nothing else
 
 
+def test_the_ai_preference_by_hand():
+    # p("(A)") over the two choices: logits l_A = 2, l_B = 0.5 -> e^2 / (e^2 + e^0.5)
+    expected = math.exp(2) / (math.exp(2) + math.exp(0.5))
+    assert rlaif.choice_prob(torch.tensor([2.0 - 0.5])).item() == pytest.approx(expected, rel=1e-6)
+    # a first: 0.8 for a; b first: 0.3 for b, so 0.7 for a; averaged: 0.75. A labeller that always says
+    # "(A)" (0.9 in both orders) is told apart from its position: 0.5.
+    soft = rlaif.soft_label(torch.tensor([0.8, 0.9]), torch.tensor([0.3, 0.9]))
+    assert soft.tolist() == pytest.approx([0.75, 0.5])
+
+
 def test_averaging_both_orders_makes_the_label_symmetric(tiny):
     _, enc = tiny
     model = Recorder(enc)

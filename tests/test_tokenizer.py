@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tokenizer import (GPT2_PATTERN, SPECIAL_TOKENS, decode_response, encode_prompt,  # noqa: E402
+from tokenizer import (GPT2_PATTERN, SPECIAL_TOKENS, _merge, decode_response, encode_prompt,  # noqa: E402
                        encode_response, load_tokenizer, save_tokenizer, special_id, train_bpe)
 
 VOCAB = 320
@@ -66,6 +66,14 @@ def unicode_texts():
 
 # -----------------------------------------------------------------------------
 # Training and encoding
+
+
+def test_merge_replaces_the_pair_left_to_right():
+    assert _merge([1, 2, 3, 1, 2], (1, 2), 9) == [9, 3, 9]
+    assert _merge([1, 1, 1], (1, 1), 9) == [9, 1]  # overlapping occurrences: the leftmost wins
+    assert _merge([1, 1, 1, 1], (1, 1), 9) == [9, 9]
+    assert _merge([2, 1], (1, 2), 9) == [2, 1]  # the order within the pair matters
+    assert _merge([1], (1, 2), 9) == [1] and _merge([], (1, 2), 9) == []
 
 
 def test_vocabulary_layout(enc):
