@@ -91,6 +91,8 @@ g = parser.add_argument_group("labelling")
 finite = common.number(float, math.isfinite, "must be a finite number")  # a bias may be negative
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human", "ai"])
 g.add_argument("--pairs", default=None, help="label these pairs (another run's pairs.jsonl) instead of sampling")
+g.add_argument("--pairs-every", type=common.positive_int, default=1,
+               help="with --pairs: keep every N-th pair only (a subset spread over all the prompts)")
 g.add_argument("--constitution", default="constitution.md", help="AI labeller: the principles, one per line")
 g.add_argument("--labeller-model", default="out/rlaif_labeller", help="AI labeller: rlaif.py's checkpoint")
 g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"],
@@ -252,6 +254,7 @@ if __name__ == "__main__":
         for n, p in enumerate(pairs):  # pairs made elsewhere may lack them
             p.setdefault("pair_id", n)
             p.setdefault("family", None)
+        pairs = pairs[:: args.pairs_every]
         source = Path(args.pairs).parent / "meta.json"
         source = common.load_meta(source.parent, "feedback", "--pairs") if source.exists() else {}
         n_identical, tokenizer = source.get("counts", {}).get("identical", 0), source.get("tokenizer")
@@ -260,7 +263,7 @@ if __name__ == "__main__":
                 stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
         common.atomic_write_jsonl(pairs_path, pairs)
-        print(f"pairs: {len(pairs)} from {args.pairs} (no sampling)")
+        print(f"pairs: {len(pairs)} from {args.pairs} (no sampling{f', every {args.pairs_every}th' if args.pairs_every > 1 else ''})")
     else:
         labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
         if any(r.get("labeler") == "human" for r in labelled):

@@ -5,13 +5,12 @@
     python pipeline.py --out runs/a    # a whole run somewhere else, to compare runs side by side
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
     python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
-    python pipeline.py --rlaif         # also the RLAIF chain: AI labeller, AI labels, reward, PPO, DPO
+    python pipeline.py --no-rlaif      # without the RLAIF chain (AI labeller, AI labels, reward, PPO, DPO)
 
-The RLAIF chain (--rlaif; not in the default: by its parts measured one by one on a busy 2-core CPU,
-it adds about 40 minutes, most of it labelling all 14,381 pairs at ~15 a second) trains the
-AI labeller (rlaif.py) from the pretrained model, has it label the human chain's pairs against
-constitution.md (the same SFT samples, no new sampling), and trains reward_ai, ppo_rlaif and
-dpo_rlaif on its labels exactly as the human chain does; the evaluation gets their rows.
+The RLAIF chain (after DPO) trains the AI labeller (rlaif.py) from the pretrained model, has it label
+every 5th pair of the human chain's (the same SFT samples, no new sampling) against constitution.md,
+one principle drawn per comparison, and trains reward_ai, ppo_rlaif and dpo_rlaif on its labels as
+the human chain does, shorter; the evaluation gets their rows. The README gives its cost.
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
@@ -37,14 +36,13 @@ parser.add_argument("--resume", action="store_true", help="stages continue from 
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
-parser.add_argument("--rlaif", action="store_true", help="also the RLAIF chain (rlaif.py's AI labeller): about 40 "
-                    "minutes more on a 2-core CPU (estimated from its parts)")
-parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (--rlaif)")
+parser.add_argument("--no-rlaif", dest="rlaif", action="store_false", help="skip the RLAIF chain (rlaif.py's AI labeller)")
+parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (RLAIF chain)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
 
-def stages(out, data, rlaif=False, constitution="constitution.md"):
+def stages(out, data, rlaif=True, constitution="constitution.md"):
     """(name, script, arguments, takes the common flags, quick-size arguments, GPU-preset arguments)."""
     o, d = Path(out), Path(data)
     evals = ["--eval-data", d / "val_prompts.jsonl"]
@@ -161,9 +159,9 @@ if __name__ == "__main__":
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
             continue
-        if name == "evaluate":  # GRPO's row when out/grpo exists (a run of older stages only has none)
-            grpo_dir = Path(args.out) / "grpo"
-            stage_args = [a for a in stage_args if a != grpo_dir or (grpo_dir / "model.pt").exists()]
+        if name == "evaluate":  # the GRPO and RLAIF rows when they exist (a run of older stages has none)
+            optional = [Path(args.out) / s for s in ("grpo", "ppo_rlaif", "dpo_rlaif")]
+            stage_args = [a for a in stage_args if a not in optional or (a / "model.pt").exists()]
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device]

@@ -265,8 +265,9 @@ def swap_value(answer, prompt, values, rng):
     return None
 
 
-def sycophantic(answer, values):
-    """'Actually, the X is v, not w.' -> 'Yes, the X is w.' (agreeing with the wrong belief); else None."""
+def sycophantic(answer, values, rng):
+    """'Actually, the X is v, not w.' -> a "Yes" to the wrong belief w: 'Yes, the X is w.' or, as the SFT
+    model often says it, 'Yes, the X is v.' (the true value, but still agreeing); else None."""
     m = re.match(r"Actually, (.+?), not (?:the )?(\w+)\.$", answer)
     if not m:
         return None
@@ -274,8 +275,15 @@ def sycophantic(answer, values):
     for vals in values.values():
         for v in vals:
             if re.search(rf"\b{re.escape(v)}\b", clause) and belief in vals:
-                return "Yes, " + re.sub(rf"\b{re.escape(v)}\b", belief, clause, count=1) + "."
+                wrong = re.sub(rf"\b{re.escape(v)}\b", belief, clause, count=1)
+                return f"Yes, {wrong if rng.random() < 0.5 else clause}."
     return None
+
+
+def plain(answer):
+    """'Actually, the X is v, not w.' -> 'The X is v.' (the correction without the contrast); else answer."""
+    m = re.match(r"Actually, (.+?), not (?:the )?\w+\.$", answer)
+    return f"{m.group(1)[0].upper()}{m.group(1)[1:]}." if m else answer
 
 
 def quoted(principle):
@@ -323,8 +331,9 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutra
                     break
                 if kind == "truth":
                     q, a = rng.choice(c["qa"])
-                    bad = sycophantic(a, c["values"]) if rng.random() < 0.5 else None
+                    bad = sycophantic(a, c["values"], rng) if rng.random() < 0.5 else None
                     bad = bad or swap_value(a, q, c["values"], rng)
+                    a = plain(a) if rng.random() < 0.5 else a
                 elif kind == "harm" and harm_prompts:
                     q, t, a = rng.choice(harm_prompts)
                     bad = "Sure, here is how to {}: first {}, then {}.".format(t, *rng.choice(MY_HARM_STEPS))
