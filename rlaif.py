@@ -71,11 +71,8 @@ last one and are learned here.
 """
 
 import itertools
-import json
-import math
 import random
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -109,17 +106,6 @@ g.add_argument("--lr", type=common.positive_float, default=5e-4)
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g.add_argument("--eval-every", type=common.positive_int, default=100)
-g = parser.add_argument_group("measurement (instead of training)")
-g.add_argument("--measure", default=None, help="preference pairs (feedback.py's, with gold scores) to measure "
-               "--labeller-model on: agreement with gold and with their labels per family, position bias, speed")
-g.add_argument("--labeller-model", default=None, help="the labeller to measure (default: --out)")
-g.add_argument("--measure-out", default=None, help="where the measurement's JSON goes "
-               "(default: measure_<principles>_<pool>.json in the labeller's folder)")
-g.add_argument("--measure-family", default=None, help="measure only the pairs of this family (e.g. belief)")
-g.add_argument("--measure-pairs", type=common.positive_int, default=3000, help="pairs measured (the first N)")
-g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"])
-g.add_argument("--pool", default="logit", choices=["logit", "mean"],
-               help="ensemble: mean log-odds of the principles (logarithmic opinion pool) or mean probability")
 
 # -----------------------------------------------------------------------------
 # The constitution and the labeller's prompt
@@ -188,37 +174,32 @@ def judge_loss(margin, target):
 
 
 @torch.no_grad()
-def label_pairs(model, enc, pairs, principles, mode="ensemble", seed=0, batch_size=256, device="cpu", pool="logit"):
-    """The AI labels of pairs [{"prompt","a","b",...}]: per pair {"soft": soft(a, b), "p_ab", "p_ba"} (the
-    last two averaged over the principles used). mode "ensemble": every principle, mean; "sample":
-    one principle per pair, drawn from seed and the pair's pair_id (else its place). Calls nothing but the model."""
+def label_pairs(model, enc, pairs, principles, mode="sample", seed=0, batch_size=256, device="cpu"):
+    """The AI labels of pairs [{"prompt","a","b",...}]: per pair {"soft": soft(a, b), "p_ab", "p_ba"}. mode
+    "sample": one principle per pair, drawn from seed and the pair's pair_id (else its place); "ensemble":
+    every principle, pooled by their mean log-odds. Calls nothing but the model."""
     model.eval()
     ab, bs = choice_ids(enc), model.config.block_size
     jobs = []  # (pair index, principle, order): both orders of every (pair, principle)
     for n, pair in enumerate(pairs):
         used = principles if mode == "ensemble" else [  # the same pair, the same draw, in any batch
             random.Random(seed * 1_000_003 + pair.get("pair_id", n)).choice(principles)]
-        for c in used:
-            jobs += [(n, c, 0), (n, c, 1)]
+        jobs += [(n, c, o) for c in used for o in (0, 1)]
     seqs = [encode_judgement(enc, c, pairs[n]["prompt"], *((pairs[n]["a"], pairs[n]["b"]) if o == 0 else
                                                            (pairs[n]["b"], pairs[n]["a"])), bs) for n, c, o in jobs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
-    probs = [0.0] * len(seqs)
+    margins = [0.0] * len(seqs)
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
-        p = choice_prob(choice_logits(model, [seqs[j] for j in chunk], enc.eot_token, ab, device)).tolist()
-        for j, pj in zip(chunk, p):
-            probs[j] = pj
-    sums = [[0.0, 0.0, 0] for _ in pairs]
-    for (n, _, o), p in zip(jobs, probs):
-        p = min(max(p, 1e-6), 1 - 1e-6)
-        sums[n][o] += math.log(p / (1 - p)) if pool == "logit" else p
-        sums[n][2] += o  # counts the principles (once per pair of orders)
+        for j, m in zip(chunk, choice_logits(model, [seqs[j] for j in chunk], enc.eot_token, ab, device).tolist()):
+            margins[j] = m
+    logodds = [[0.0, 0.0, 0] for _ in pairs]  # per pair: the summed log-odds of each order, and the count
+    for (n, _, o), m in zip(jobs, margins):
+        logodds[n][o] += m  # l_A - l_B is the log-odds of (A): choice_prob = sigmoid of it
+        logodds[n][2] += o
     out = []
-    for s in sums:
-        p_ab, p_ba = s[0] / s[2], s[1] / s[2]
-        if pool == "logit":  # the logarithmic opinion pool: the mean log-odds of the principles
-            p_ab, p_ba = 1 / (1 + math.exp(-p_ab)), 1 / (1 + math.exp(-p_ba))
+    for s_ab, s_ba, k in logodds:  # the logarithmic opinion pool: the mean log-odds of the principles
+        p_ab, p_ba = choice_prob(torch.tensor([s_ab / k, s_ba / k], dtype=torch.float64)).tolist()
         out.append({"soft": soft_label(p_ab, p_ba), "p_ab": p_ab, "p_ba": p_ba})
     return out
 
@@ -413,84 +394,8 @@ def accuracy(model, seqs, pad_id, ab, device, batch_size=128):
     return right / max(1, sum(y != 0.5 for _, y in seqs)), pa / len(seqs)
 
 
-# -----------------------------------------------------------------------------
-# Measurement: the labeller against gold and the simulated humans, on the same pairs
-
-
-def measure(args):
-    """Agreement per family, position bias before and after averaging both orders, labels per second."""
-    from world import load_world
-
-    model, enc, meta = common.load_policy(args.labeller_model or args.out, "cpu", expect_stage="rlaif_labeller",
-                                          flag="--labeller-model")
-    principles = read_constitution(args.constitution)
-    rows = common.read_jsonl(args.measure, required=("prompt", "chosen", "rejected"), flag="--measure")
-    if args.measure_family:
-        rows = [r for r in rows if r.get("family") == args.measure_family]
-    rows = rows[: args.measure_pairs]
-    # the pairs in a fixed order unrelated to the labels: (a, b) sorted by text
-    pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
-              "family": r.get("family"), "human_a": r["chosen"] == min(r["chosen"], r["rejected"])} for r in rows]
-    t0 = time.time()
-    labels = label_pairs(model, enc, pairs, principles, args.principles, args.seed, pool=args.pool)
-    seconds = time.time() - t0
-    world = load_world(Path(args.measure).parent) or load_world(Path("data"))
-    fam = {}
-    for pair, lab in zip(pairs, labels):
-        ga, gb = (world.gold_score(pair["prompt"], pair["a"]), world.gold_score(pair["prompt"], pair["b"])) if world else (0, 0)
-        for f in (pair["family"], "all"):
-            d = fam.setdefault(f, {"n": 0, "gold_n": 0, "gold_agree": 0, "human_agree": 0, "same_position": 0,
-                                   "human_gold_agree": 0})
-            d["n"] += 1
-            ai_a = lab["soft"] > 0.5
-            d["human_agree"] += ai_a == pair["human_a"]
-            d["same_position"] += (lab["p_ab"] > 0.5) == (lab["p_ba"] > 0.5)  # same position in both orders
-            if ga != gb:
-                d["gold_n"] += 1
-                d["gold_agree"] += ai_a == (ga > gb)
-                d["human_gold_agree"] += pair["human_a"] == (ga > gb)
-    # sycophancy pairs: one answer agrees with the user's wrong belief, the other states the truth
-    # (the judge's "correct"), as the truth principle asks (measurement only)
-    def truthful(p, x):
-        return bool(world.judge(p["prompt"], x)[1]["correct"])
-    syc = [(pair, lab) for pair, lab in zip(pairs, labels) if world and pair["family"] == "belief"
-           and {(world.sycophantic(pair["prompt"], x), truthful(pair, x)) for x in (pair["a"], pair["b"])}
-           == {(True, False), (False, True)}]
-    truthful_a = [truthful(p, p["a"]) for p, _ in syc]
-    table = {f: {"pairs": d["n"], "agree_gold": d["gold_agree"] / max(1, d["gold_n"]),
-                 "agree_human": d["human_agree"] / d["n"], "human_agree_gold": d["human_gold_agree"] / max(1, d["gold_n"]),
-                 "position_bias_before": d["same_position"] / d["n"], "position_bias_after": 0.0}
-             for f, d in fam.items()}
-    result = {"labeller": args.labeller_model or args.out, "constitution": principles, "principles": args.principles,
-              "pool": args.pool,
-              "pairs": len(pairs), "seconds": seconds, "labels_per_second": len(pairs) / seconds,
-              "params": model.num_params(), "by_family": table,
-              "sycophancy_pairs": len(syc),
-              "ai_prefers_truthful": sum((lab["soft"] > 0.5) == t for (_, lab), t in zip(syc, truthful_a)) / max(1, len(syc)),
-              "human_prefers_truthful": sum(p["human_a"] == t for (p, _), t in zip(syc, truthful_a)) / max(1, len(syc))}
-    print(f"labeller {result['labeller']} ({model.num_params() / 1e6:.2f}M parameters), {len(principles)} principles "
-          f"({args.principles}), {len(pairs)} pairs of {args.measure}: {result['labels_per_second']:.1f} labels/s")
-    print(f"  {'family':10s} {'pairs':>6s} {'AI~gold':>8s} {'AI~human':>9s} {'human~gold':>11s} {'same pos.':>10s}")
-    for f, t in sorted(table.items()):
-        print(f"  {f:10s} {t['pairs']:6d} {t['agree_gold']:8.3f} {t['agree_human']:9.3f} {t['human_agree_gold']:11.3f} "
-              f"{t['position_bias_before']:10.3f}")
-    print(f"  sycophancy pairs (one answer agrees with a wrong belief, the other states the truth): {len(syc)}; the truthful one "
-          f"preferred by the AI labeller {result['ai_prefers_truthful']:.3f}, by the simulated humans "
-          f"{result['human_prefers_truthful']:.3f}")
-    print("  (same pos.: share of pairs where it prefers the same position in both orders, before averaging; "
-          "after averaging both orders it is 0 by construction)")
-    return result
-
-
-# -----------------------------------------------------------------------------
-
 if __name__ == "__main__":
     args = parser.parse_args()
-    if args.measure:
-        result = measure(args)
-        common.atomic_write_json(args.measure_out or Path(args.labeller_model or args.out) /
-                                 f"measure_{args.principles}_{args.pool}.json", result)
-        raise SystemExit(0)
     out = Path(args.out)
     device, dtype = common.setup_device(args.device)
     common.seed_everything(args.seed)

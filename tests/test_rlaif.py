@@ -4,6 +4,7 @@ gold judge and world.py's rules patched to raise: it never calls them."""
 
 import json
 import math
+import random
 import runpy
 import sys
 from pathlib import Path
@@ -68,6 +69,15 @@ def test_the_prompt_carries_the_principle_and_both_answers_in_both_orders(tiny):
     expected = {rlaif.judge_prompt(c, pair["prompt"], x, y) for c in ("Choose the true one.", "Be short.")
                 for x, y in ((pair["a"], pair["b"]), (pair["b"], pair["a"]))}
     assert seen == expected  # every principle, each in both orders, and nothing else
+    # the default: one principle per comparison, drawn from the seed and the pair's id, read in both orders
+    pairs = [{**pair, "pair_id": i} for i in range(6)]
+    drawn = [random.Random(1337 * 1_000_003 + i).choice(["R1.", "R2.", "R3."]) for i in range(6)]
+    for batch_size in (256, 4):  # the draw does not depend on the batching
+        model.seen = []
+        rlaif.label_pairs(model, enc, pairs, ["R1.", "R2.", "R3."], seed=1337, batch_size=batch_size)
+        seen = sorted(enc.decode([t for t in row if t != enc.eot_token]) for row in model.seen)
+        assert seen == sorted(rlaif.judge_prompt(c, pair["prompt"], x, y) for c in drawn
+                              for x, y in ((pair["a"], pair["b"]), (pair["b"], pair["a"])))
 
 
 def test_averaging_both_orders_makes_the_label_symmetric(tiny):
@@ -114,7 +124,8 @@ def test_judging_examples_come_from_the_corpus_and_the_principles_text(tiny):
     ex = rlaif.judging_examples(corpus, ["Help me rob a bank.", "What colour is the milt?"], principles, 20, seed=0)
     truth = [e for e in ex if e[0] == principles[0] and not e[4]]
     assert truth and all(e[2] in ("Actually, the milt is silver, not red.", "The milt is silver.") for e in truth)
-    assert {e[3] for e in truth} >= {"Yes, the milt is red.", "The milt is red."}  # sycophancy and a false fact
+    # agreeing with the wrong belief (its value, or the true one after a "Yes"), and a false fact
+    assert {e[3] for e in truth} >= {"Yes, the milt is red.", "Yes, the milt is silver.", "The milt is red."}
     harm = [e for e in ex if e[0] == principles[1] and not e[4]]
     assert harm and all(e[1] == "Help me rob a bank." and e[2] == "Sorry, I can't help with that."
                         and "here is how to rob a bank" in e[3] for e in harm)
@@ -147,10 +158,14 @@ def test_the_ai_path_never_calls_the_judge_or_the_rules(tiny, tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", list(map(str, [
         "feedback.py", "--labeler", "ai", "--pairs", tmp_path / "pairs.jsonl", "--constitution", constitution,
         "--labeller-model", tmp_path / "labeller", "--data", tmp_path / "nowhere" / "prompts.jsonl",
-        "--out", tmp_path / "fb_ai", "--device", "cpu", "--label-batch-size", 3])))
+        "--out", tmp_path / "fb_ai", "--device", "cpu", "--label-batch-size", 3, "--principles", "ensemble"])))
     runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
     rows = load_preferences(tmp_path / "fb_ai" / "preferences.jsonl")  # reward.py's reader takes them
     assert [r["pair_id"] for r in rows] == [0, 1, 2, 3] and all(r["labeler"] == "ai" for r in rows)
+    monkeypatch.setattr(sys, "argv", sys.argv[:-2] + ["--pairs-every", "2", "--out", str(tmp_path / "fb_every")])
+    runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")  # the default: one principle drawn per pair
+    every = load_preferences(tmp_path / "fb_every" / "preferences.jsonl")
+    assert [r["pair_id"] for r in every] == [0, 2] and all(0.5 <= r["soft_label"] <= 1 for r in every)
     for r, p in zip(rows, pairs):
         assert 0.5 <= r["soft_label"] <= 1 and {r["chosen"], r["rejected"]} == {p["a"], p["b"]}
         assert r["chosen_ended"] == p[("a" if r["chosen"] == p["a"] else "b") + "_ended"]
