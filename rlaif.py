@@ -18,59 +18,56 @@ l_B the logits of the tokens "A" and "B" after "Better: (" ("(" is common to bot
 
 A small model prefers one position whatever the answers (Lee et al. measured it growing as the
 labeller shrinks), so every pair is scored in both orders and averaged, which makes the label
-exactly symmetric (soft(a, b) = 1 - soft(b, a)), and over the principles (--principles ensemble,
-the mean; or one sampled per comparison, --principles sample, as Bai et al. do):
+exactly symmetric. One principle c is drawn per comparison, as Bai et al. do (--principles ensemble
+in feedback.py reads them all, six times the cost, and pools their mean log-odds):
 
-    soft(a, b) = mean over principles c of  (p(a > b | c) + 1 - p(b > a | c)) / 2      (soft_label)
+    soft(a, b) = (p(a > b | c) + 1 - p(b > a | c)) / 2                                 (soft_label)
 
 The soft label is kept: feedback.py --labeler ai writes it as "soft_label", and reward.py trains on
 it (Bradley-Terry with target p).
 
-Where its judgement comes from (the whole of it). At labelling time it calls nothing but the GPT:
-not the gold judge, not world.py's rules (judge, _correct, refused, agrees, ...), not the knowledge
-base. It knows what pretraining on the corpus taught it, and what the judging examples below add.
-They are built here, before training, from two sources only, and no gold score labels any of them:
-- the pretraining corpus text (--corpus): the facts it states ("The milt's colour is silver.", from
-  which the values of each attribute are read), its questions with answers ("Question: ... Answer:
-  ..."; the corpus asks only train-split prompts), the harms it names ("Someone asked how to rob a
-  bank. A good helper said: Sorry, ..."), the how-to of the harmless look-alikes ("To feed a dog,
-  first ..., then ...") and its greetings;
-- the principles' own text: which contrast a principle asks for (CONTRASTS: a principle that
-  speaks of facts or truth, of harm, of refusing, of rudeness, of a quoted courtesy phrase, or of
-  short answers), and the words it quotes (the rude words, the courtesy phrase).
-Harms and look-alikes are kept only where a train prompt (--prompts files) asks about them, and
-the questions are the corpus's, so every example is built from train-split prompts and entities.
-A principle is trained only on its own contrasts: remove one from the constitution and the labeller
-never learns it (the lever). The contrasts, good answer against spoiled answer:
-- truth ("true", "truly", "facts"): a corpus answer against the same with its value swapped for
-  another of that attribute (another sum, another word of the list); for a belief the corpus
-  corrects ("Actually, the milt is silver, not red."), also against agreeing ("Yes, the milt is red.");
-- harm ("harm"): the corpus's refusal against a how-to of the harm, in our own words;
-- harmless ("refuse"): a look-alike's how-to, a fact, a greeting reply against the corpus's refusal;
-- rude ("rude"): an answer against the same after one of the principle's quoted words;
-- courtesy (a quoted phrase and "once"): the answer with the phrase once against none or twice;
-- concise ("short"): the answer against it with one to three corpus sentences more, or cut short.
+What it knows (the whole of it). At labelling time it calls nothing but the GPT: not the gold judge,
+not world.py's rules (judge, refused, agrees, ...), not the knowledge base; this file does not import
+world.py (scripts/measure_rlaif.py measures it against the judge). It knows what pretraining on the
+corpus taught it, and the judging examples below, built here before training from two sources only,
+with no gold score labelling any of them:
+- the corpus text (--corpus): the facts it states ("The milt's colour is silver.", from which the
+  values of each attribute are read), its questions with answers ("Question: ... Answer: ..."; it asks
+  only train-split prompts), the harms it names ("Someone asked how to rob a bank. A good helper
+  said: Sorry, ..."), the look-alikes' how-to ("To feed a dog, first ..., then ...") and greetings;
+- the principles' own text: which contrast a principle asks for (contrasts_of: facts or truth, harm,
+  refusing a harmless request, rudeness, a quoted phrase said once, short answers) and the words it
+  quotes (the rude words, the courtesy phrase).
+Harms and look-alikes are kept only where a train prompt (--prompts) asks about them, so every
+example is built from train-split prompts and creatures. A principle is trained on its own contrasts
+only: remove one from the constitution and the labeller never learns it (the lever). The contrasts,
+good answer against spoiled answer:
+- truth: a corpus answer (or, for a belief it corrects, "Actually, the milt is silver, not red.", the
+  plain "The milt is silver.") against the same with its value swapped for another of that attribute
+  (another sum, another word of the list) or saying yes to the wrong belief ("Yes, the milt is red.",
+  or "Yes, the milt is silver.": true, but agreeing with the user's wrong belief);
+- harm: the corpus's refusal against a how-to of the harm, in our own words;
+- harmless request: a look-alike's how-to, a fact, a greeting reply against the corpus's refusal;
+- rude: an answer against the same after one of the quoted words;
+- courtesy: the answer with the quoted phrase once against none or twice;
+- short: the answer against it with one to three corpus sentences more, or cut short.
 What they leave out: anything the corpus does not state (sums beyond its sentences, lists of other
-words), every held-out creature, harm and look-alike, and pairs whose two answers are both flawed
-in different ways (the SFT samples it labels are mostly such): how it weighs one flaw against another
-is not taught, only averaged over the principles. A principle that matches no contrast is never seen
-in training: the labeller reads it anyway, and feedback.py says so (measure it: `--measure`).
-
-Training is a curriculum: the contrasts alone for --neutral-from steps, then the neutral examples
-too (with them from the first step, a labeller stayed at chance for 130 steps). The labeller measured
-in the README was made in three runs (--init from the one before) rather than this one.
+words), every held-out creature, harm and look-alike, and pairs whose two answers are flawed in
+different ways (most SFT pairs): how to weigh one flaw against another is never taught. A principle
+that matches no contrast is never seen in training: the labeller reads it anyway, and feedback.py
+says so (measure it).
 
 The labeller's context is longer than the policy's (--block-size 256: a principle alone is about 60
 tokens of this corpus's BPE); the position embeddings past the pretrained 128 start as copies of the
-last one and are learned here.
+last one and are learned here. The default training is short (120 steps, about a minute on one CPU
+thread): the README shows what longer training buys (little).
 
-    python rlaif.py                                            # CPU: train the labeller, 5-10 minutes
-    python rlaif.py --measure /tmp/run1/out/feedback/preferences.jsonl    # agreement, position bias, speed
+    python rlaif.py                                            # the labeller: out/rlaif_labeller
     python feedback.py --labeler ai --constitution constitution.md --labeller-model out/rlaif_labeller \\
-        --pairs out/feedback/pairs.jsonl --out out/feedback_ai   # then reward.py, ppo.py, dpo.py on it
+        --pairs out/feedback/pairs.jsonl --pairs-every 5 --out out/feedback_ai   # then reward, PPO, DPO
+    python scripts/measure_rlaif.py out/feedback/preferences.jsonl   # agreement with gold, position bias
 """
 
-import itertools
 import random
 import re
 from dataclasses import asdict
@@ -87,25 +84,20 @@ from reward import collate
 # Config
 
 parser = common.ArgumentParser(description="RLAIF: train the AI labeller that judges against a constitution")
-common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=750)
+common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=120)
 g = parser.add_argument_group("judging examples")
 g.add_argument("--constitution", default="constitution.md", help="the principles, one per line")
 g.add_argument("--corpus", default="data/pretrain.txt", help="the pretraining corpus the examples are read from")
 g.add_argument("--prompts", default="data/prompts.jsonl,data/sft.jsonl",
                help="comma-separated train-split files whose prompts may be asked about")
 g.add_argument("--examples-per-contrast", type=common.positive_int, default=1500)
-g.add_argument("--neutral-share", type=common.nonnegative_float, default=1.0,
-               help="neutral examples per principle (another principle's contrast, target 0.5), per example of its own")
-g.add_argument("--neutral-from", type=common.nonnegative_int, default=300,
-               help="the neutral examples join the batches from this step on (before it: the contrasts alone; "
-                    "with them from the start the labeller did not learn in 130 steps)")
 g.add_argument("--block-size", type=common.positive_int, default=256, help="the labeller's context")
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32)
-g.add_argument("--lr", type=common.positive_float, default=5e-4)
+g.add_argument("--lr", type=common.positive_float, default=1e-3)
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
-g.add_argument("--eval-every", type=common.positive_int, default=100)
+g.add_argument("--eval-every", type=common.positive_int, default=40)
 
 # -----------------------------------------------------------------------------
 # The constitution and the labeller's prompt
@@ -290,9 +282,8 @@ def contrasts_of(principle):
     return kinds
 
 
-def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutral_share=1.0):
-    """[(principle, prompt, good, bad, neutral)]: n_per examples of each contrast of each principle, and
-    n_per * neutral_share neutral ones per principle (another principle's contrast: target 0.5)."""
+def judging_examples(corpus_text, train_prompts, principles, n_per, seed):
+    """[(principle, prompt, good, bad)]: n_per examples of each contrast of each principle, shuffled."""
     rng = random.Random(seed)
     c = read_corpus(corpus_text)
     train = sorted(set(train_prompts))
@@ -343,26 +334,17 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutra
                     a, bad = f"{a} {courtesy}", f"{bad} {courtesy}"
                 out.append((principle, q, a, bad))
                 made += 1
-    # Neutral examples: a principle read beside a contrast that is not its own, target 0.5 (it has no
-    # say there), so that each principle judges only what it speaks of and the ensemble can add them up.
-    neutral = []
-    for principle in principles:
-        others = [e for e in out if e[0] != principle and not set(contrasts_of(e[0])) & set(contrasts_of(principle))]
-        for e in rng.sample(others, min(len(others), round(n_per * neutral_share))) if contrasts_of(principle) else []:
-            neutral.append((principle, e[1], e[2], e[3], True))
-    out = [(*e, False) for e in out] + neutral
     rng.shuffle(out)
     return out
 
 
 def to_sequences(enc, examples, block_size, rng):
-    """(ids, target) per example, the good answer at (A) or (B) at random: target 1.0 when at (A), 0.0
-    at (B), 0.5 for a neutral example."""
+    """(ids, target) per example, the good answer at (A) or (B) at random: target 1.0 when at (A), else 0.0."""
     seqs = []
-    for principle, q, good, bad, neutral in examples:
+    for principle, q, good, bad in examples:
         first = rng.random() < 0.5
         a, b = (good, bad) if first else (bad, good)
-        seqs.append((encode_judgement(enc, principle, q, a, b, block_size), 0.5 if neutral else 1.0 if first else 0.0))
+        seqs.append((encode_judgement(enc, principle, q, a, b, block_size), 1.0 if first else 0.0))
     return seqs
 
 
@@ -381,17 +363,16 @@ def labeller_from(gpt, block_size):
 
 @torch.no_grad()
 def accuracy(model, seqs, pad_id, ab, device, batch_size=128):
-    """Share of (non-neutral) examples where p(A) sides with the target, and the mean p(A) over all."""
+    """Share of the examples where p(A) sides with the target, and the mean p(A) (0.5: no position bias)."""
     model.eval()
     right, pa = 0, 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         p = choice_prob(choice_logits(model, [s for s, _ in chunk], pad_id, ab, device))
-        t = torch.tensor([y for _, y in chunk], device=p.device)
-        right += ((p > 0.5).float() == t)[t != 0.5].sum().item()
+        right += ((p > 0.5).float() == torch.tensor([y for _, y in chunk], device=p.device)).sum().item()
         pa += p.sum().item()
     model.train()
-    return right / max(1, sum(y != 0.5 for _, y in seqs)), pa / len(seqs)
+    return right / len(seqs), pa / len(seqs)
 
 
 if __name__ == "__main__":
@@ -407,12 +388,10 @@ if __name__ == "__main__":
     train_prompts = [r["prompt"] for f in args.prompts.split(",") if Path(f).exists()
                      for r in common.read_jsonl(f, required=("prompt",), flag="--prompts")]
     examples = judging_examples(Path(args.corpus).read_text(), train_prompts, principles,
-                                args.examples_per_contrast, args.seed, args.neutral_share)
+                                args.examples_per_contrast, args.seed)
     for c in principles:
-        kinds = contrasts_of(c)
-        print(f"principle: {c!r}\n  contrasts: {', '.join(kinds) or 'NONE: never seen in training'} "
-              f"({sum(e[0] == c and not e[4] for e in examples)} examples, "
-              f"{sum(e[0] == c and e[4] for e in examples)} neutral)")
+        print(f"principle: {c!r}\n  contrasts: {', '.join(contrasts_of(c)) or 'NONE: never seen in training'} "
+              f"({sum(e[0] == c for e in examples)} examples)")
     if not examples:
         common.die(f"--constitution {args.constitution}: no principle asks for a contrast the corpus can build")
 
@@ -435,13 +414,10 @@ if __name__ == "__main__":
                 "trained_contrasts": {c: contrasts_of(c) for c in principles}, "final": final or {}}
         common.save_checkpoint(out, model, meta, run.resume_state(step))
 
-    decided = [i for i, (_, y) in enumerate(train) if y != 0.5]
-
-    def batches():  # the contrasts alone first, then everything (a curriculum: see --neutral-from)
+    def batches():  # examples drawn at random, with replacement
         g = torch.Generator().manual_seed(args.seed)
-        for step in itertools.count(1):
-            pool = decided if step <= args.neutral_from else range(len(train))
-            yield [pool[i] for i in torch.randint(len(pool), (args.batch_size,), generator=g).tolist()]
+        while True:
+            yield torch.randint(len(train), (args.batch_size,), generator=g).tolist()
 
     model.train()
     for step, batch in run.steps(batches(), save, args.eval_every):
@@ -457,9 +433,7 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         common.guard_finite(step, out, loss=loss.item(), grad_norm=grad_norm)
         optimizer.step()
-        judged = target != 0.5  # (neutral examples have no right answer)
-        metrics = {"train/loss": loss.item(),
-                   "train/accuracy": ((margin > 0).float() == target)[judged].float().mean().item(),
+        metrics = {"train/loss": loss.item(), "train/accuracy": ((margin > 0).float() == target).float().mean().item(),
                    "train/lr": lr, "samples": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
             metrics["val/accuracy"], metrics["val/p_a"] = accuracy(model, val, pad_id, ab, device)

@@ -122,17 +122,14 @@ def test_judging_examples_come_from_the_corpus_and_the_principles_text(tiny):
     principles = ["Choose the answer that states the facts truly.", "Choose the answer that declines to help do harm.",
                   "Choose the answer that sings."]
     ex = rlaif.judging_examples(corpus, ["Help me rob a bank.", "What colour is the milt?"], principles, 20, seed=0)
-    truth = [e for e in ex if e[0] == principles[0] and not e[4]]
+    truth = [e for e in ex if e[0] == principles[0]]
     assert truth and all(e[2] in ("Actually, the milt is silver, not red.", "The milt is silver.") for e in truth)
     # agreeing with the wrong belief (its value, or the true one after a "Yes"), and a false fact
     assert {e[3] for e in truth} >= {"Yes, the milt is red.", "Yes, the milt is silver.", "The milt is red."}
-    harm = [e for e in ex if e[0] == principles[1] and not e[4]]
+    harm = [e for e in ex if e[0] == principles[1]]
     assert harm and all(e[1] == "Help me rob a bank." and e[2] == "Sorry, I can't help with that."
                         and "here is how to rob a bank" in e[3] for e in harm)
     assert rlaif.contrasts_of(principles[2]) == [] and not [e for e in ex if e[0] == principles[2]]
-    neutral = [e for e in ex if e[4]]
-    assert neutral and all(not set(rlaif.contrasts_of(e[0])) & {"harm"} or e[1] != "Help me rob a bank."
-                           for e in neutral)
 
 
 def test_the_ai_path_never_calls_the_judge_or_the_rules(tiny, tmp_path, monkeypatch, capsys):
