@@ -54,16 +54,18 @@ def stages(out, data, rlaif=True, constitution="constitution.md"):
         ("rlaif", "rlaif.py", ["--init", o / "pretrain", "--constitution", constitution, "--corpus", d / "pretrain.txt",
                                "--prompts", f"{d / 'prompts.jsonl'},{d / 'sft.jsonl'}", "--out", o / "rlaif_labeller"],
          True, ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--examples-per-contrast", 20], []),
-        ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--constitution",
-                                        constitution, "--labeller-model", o / "rlaif_labeller", "--data",
-                                        d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 100], []),
-        ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl",
+        ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--pairs-every", 5,
+                                        "--constitution", constitution, "--labeller-model", o / "rlaif_labeller",
+                                        "--data", d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 40], []),
+        # shorter than the human chain's stages (the chain's cost: the README), on a fifth of the pairs
+        ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", "--steps", 200,
                                     "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
          quick_reward, ["--lr", 3e-5]),
-        ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl",
-                                 *evals, "--out", o / "ppo_rlaif"], True, quick_ppo, ["--lr", 1e-5]),
+        ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl", *evals,
+                                 "--steps", 20, "--eval-every", 20, "--sample-every", 20, "--out", o / "ppo_rlaif"], True,
+         quick_ppo, ["--lr", 1e-5]),
         ("dpo_rlaif", "dpo.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", *evals,
-                                 "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),
+                                 "--steps", 50, "--eval-every", 50, "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),
     ] if rlaif else []
     rlaif_models = [o / "ppo_rlaif", o / "dpo_rlaif"] if rlaif else []
     return [
