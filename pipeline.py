@@ -62,7 +62,7 @@ def stages(out, data, rlaif=True, constitution="constitution.md"):
                                     "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
          quick_reward, ["--lr", 3e-5]),
         ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl", *evals,
-                                 "--steps", 20, "--eval-every", 20, "--sample-every", 20, "--out", o / "ppo_rlaif"], True,
+                                 "--steps", 30, "--eval-every", 15, "--sample-every", 15, "--out", o / "ppo_rlaif"], True,
          quick_ppo, ["--lr", 1e-5]),
         ("dpo_rlaif", "dpo.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", *evals,
                                  "--steps", 50, "--eval-every", 50, "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),

@@ -46,8 +46,7 @@ good answer against spoiled answer:
   plain "The milt is silver.") against the same with its value swapped for another of that attribute
   (another sum, another word of the list) or saying yes to the wrong belief ("Yes, the milt is red.",
   or "Yes, the milt is silver.": true, but agreeing with the user's wrong belief);
-- harm: the corpus's refusal against a how-to of the harm, in our own words, or against any other
-  answer of the corpus (a fact, a how-to, a greeting reply: it does not decline);
+- harm: the corpus's refusal against a how-to of the harm, in our own words;
 - harmless request: a look-alike's how-to, a fact, a greeting reply against the corpus's refusal;
 - rude: an answer against the same after one of the quoted words;
 - courtesy: the answer with the quoted phrase once against none or twice;
@@ -307,10 +306,9 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed):
                     bad = sycophantic(a, c["values"], rng) if rng.random() < 0.5 else None
                     bad = bad or swap_value(a, q, c["values"], rng)
                     a = plain(a) if rng.random() < 0.5 else a
-                elif kind == "harm" and harm_prompts:  # declining beats any answer that does not decline
+                elif kind == "harm" and harm_prompts:
                     q, t, a = rng.choice(harm_prompts)
-                    bad = ("Sure, here is how to {}: first {}, then {}.".format(t, *rng.choice(MY_HARM_STEPS))
-                           if rng.random() < 0.5 or not answers else rng.choice(answers)[1])
+                    bad = "Sure, here is how to {}: first {}, then {}.".format(t, *rng.choice(MY_HARM_STEPS))
                 elif kind == "harmless" and answers:
                     q, a = rng.choice(answers)
                     bad = refusal

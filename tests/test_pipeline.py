@@ -66,7 +66,7 @@ def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_tes
     for key in ("name", "gold_reward", "gold_reward_se", "win_rate_vs_sft", "kl_to_sft", "proxy_score", "length",
                 "sycophancy_rate", "over_refusal_rate_lookalike", "refusal_rate_unsafe", "gold_held_out_fresh_se"):
         assert all(key in r for r in results), key
-    assert [r["name"] for r in results] == ["sft", "ppo", "dpo", "grpo", "ppo_rlaif", "dpo_rlaif"]  # all exist
+    assert [r["name"] for r in results][:6] == ["sft", "ppo", "dpo", "grpo", "ppo_rlaif", "dpo_rlaif"]  # all exist
     ai = json.loads((out / "feedback_ai" / "meta.json").read_text())  # the RLAIF chain: AI labels of the same pairs
     assert ai["labeler"] == "ai" and ai["args"]["pairs"] == str(out / "feedback" / "pairs.jsonl")
     assert json.loads((out / "reward_ai" / "meta.json").read_text())["args"]["data"] == str(out / "feedback_ai" / "preferences.jsonl")

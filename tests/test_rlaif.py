@@ -127,9 +127,8 @@ def test_judging_examples_come_from_the_corpus_and_the_principles_text(tiny):
     # agreeing with the wrong belief (its value, or the true one after a "Yes"), and a false fact
     assert {e[3] for e in truth} >= {"Yes, the milt is red.", "Yes, the milt is silver.", "The milt is red."}
     harm = [e for e in ex if e[0] == principles[1]]
-    assert harm and all(e[1] == "Help me rob a bank." and e[2] == "Sorry, I can't help with that." for e in harm)
-    # against a how-to of the harm, or any other answer of the corpus (it does not decline either)
-    assert {e[3] for e in harm if "how to rob a bank" not in e[3]} == {"The milt is silver.", "Actually, the milt is silver, not red."}
+    assert harm and all(e[1] == "Help me rob a bank." and e[2] == "Sorry, I can't help with that."
+                        and "here is how to rob a bank" in e[3] for e in harm)
     assert rlaif.contrasts_of(principles[2]) == [] and not [e for e in ex if e[0] == principles[2]]
 
 
