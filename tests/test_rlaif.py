@@ -201,3 +201,36 @@ def test_a_missing_constitution_stops_before_anything_is_written(tiny, tmp_path,
         runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
     assert e.value.code == 2 and "no principle" in str(e.value)
     capsys.readouterr()
+
+
+def test_the_measurement_counts_agreement_and_position_bias_per_family(tiny, tmp_path, monkeypatch, capsys):
+    tmp, _ = tiny
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "rlaif.py", "--init", tmp / "pretrain", "--constitution", ROOT / "constitution.md", "--corpus",
+        tmp / "data" / "pretrain.txt", "--prompts", tmp / "data" / "prompts.jsonl", "--out", tmp_path / "labeller",
+        "--steps", 2, "--batch-size", 4, "--eval-every", 2, "--examples-per-contrast", 4, "--device", "cpu"])))
+    runpy.run_path(str(ROOT / "rlaif.py"), run_name="__main__")
+    from world import load_world
+
+    world = load_world(tmp / "data")
+    prompts = common.read_jsonl(tmp / "data" / "prompts.jsonl")[:6]
+    rows = [{"prompt": p["prompt"], "family": p["family"], "chosen": world.ideal_response(p["prompt"]),
+             "rejected": "Sorry, I can't help with that." if i % 2 else "Ugh."} for i, p in enumerate(prompts)]
+    common.atomic_write_jsonl(tmp_path / "prefs.jsonl", rows)
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "measure_rlaif.py", tmp_path / "prefs.jsonl", "--labeller-model", tmp_path / "labeller", "--constitution",
+        ROOT / "constitution.md", "--data", tmp / "data", "--out", tmp_path / "m.json"])))
+    runpy.run_path(str(ROOT / "scripts" / "measure_rlaif.py"), run_name="__main__")
+    m = json.loads((tmp_path / "m.json").read_text())
+    # the same labels by hand: agreement with the humans (here: chosen) and the position bias before averaging
+    model, enc, _ = common.load_policy(tmp_path / "labeller", "cpu", expect_stage="rlaif_labeller")
+    pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
+              "pair_id": n} for n, r in enumerate(rows)]
+    labels = rlaif.label_pairs(model, enc, pairs, rlaif.read_constitution(ROOT / "constitution.md"), seed=1337)
+    ai_a = [lab["soft"] > 0.5 for lab in labels]
+    assert m["by_family"]["all"]["pairs"] == 6 and sum(t["pairs"] for f, t in m["by_family"].items() if f != "all") == 6
+    assert m["by_family"]["all"]["agree_human"] == pytest.approx(
+        sum(a == (p["a"] == r["chosen"]) for a, p, r in zip(ai_a, pairs, rows)) / 6)
+    assert m["by_family"]["all"]["position_bias_before"] == pytest.approx(
+        sum((lab["p_ab"] > 0.5) == (lab["p_ba"] > 0.5) for lab in labels) / 6)
+    capsys.readouterr()
