@@ -10,7 +10,7 @@
 The RLAIF chain (after DPO) trains the AI labeller (rlaif.py) from the pretrained model, has it label
 every 5th pair of the human chain's (the same SFT samples, no new sampling) against constitution.md,
 one principle drawn per comparison, and trains reward_ai, ppo_rlaif and dpo_rlaif on its labels as
-the human chain does, shorter; the evaluation gets their rows. The README gives its cost.
+the human chain does (reward and DPO shorter); the evaluation gets their rows. The README gives its cost.
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
