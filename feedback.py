@@ -21,11 +21,13 @@ pairs whose two texts are identical (nothing to compare), store them in pairs.js
   The defaults are world.LABELLER_BIASES, mild ones; 0 for all three gives the unbiased labeller's
   labels exactly. meta.json keeps them with --tau ("simulated_labeller").
 - `--labeler ai`: the AI labeller of rlaif.py (RLAIF): a GPT fine-tuned to judge (--labeller-model)
-  reads each pair against the principles of --constitution, in both orders, and keeps the soft label
+  reads each pair against one principle of --constitution drawn per pair (--principles ensemble:
+  all of them, six times the cost), in both orders, and keeps the soft label
   P(chosen better than rejected) as "soft_label" (>= 0.5; reward.py trains on it). It never calls the
   gold judge or world.py's rules: rlaif.py's docstring says what it knows and how. As for the human
   labeller, the rows' gold scores are attached after the label, to measure it, never to make it.
-  --pairs reuses the pairs of another run (the human chain's SFT samples) instead of sampling anew.
+  --pairs reuses the pairs of another run (the human chain's SFT samples) instead of sampling anew;
+  --pairs-every N keeps every N-th of them (a subset spread over all the prompts).
 - `--labeler human`: you, in the terminal. Answer 1 or 2 (which response is better), s to skip,
   q to quit. Every answer is saved at once; `--resume` later continues with the pairs not yet
   answered (the pairs are fixed when pairs.jsonl is written, so they are the same ones).
@@ -91,10 +93,12 @@ g = parser.add_argument_group("labelling")
 finite = common.number(float, math.isfinite, "must be a finite number")  # a bias may be negative
 g.add_argument("--labeler", default="simulated", choices=["simulated", "human", "ai"])
 g.add_argument("--pairs", default=None, help="label these pairs (another run's pairs.jsonl) instead of sampling")
+g.add_argument("--pairs-every", type=common.positive_int, default=1,
+               help="with --pairs: keep every N-th pair only (a subset spread over all the prompts)")
 g.add_argument("--constitution", default="constitution.md", help="AI labeller: the principles, one per line")
 g.add_argument("--labeller-model", default="out/rlaif_labeller", help="AI labeller: rlaif.py's checkpoint")
-g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"],
-               help="AI labeller: every principle averaged, or one drawn per comparison")
+g.add_argument("--principles", default="sample", choices=["sample", "ensemble"],
+               help="AI labeller: one principle drawn per comparison (as Bai et al.), or all of them pooled")
 g.add_argument("--label-batch-size", type=common.positive_int, default=256, help="AI labeller: pairs per batch")
 g.add_argument("--tau", type=common.positive_float, default=0.5,
                help="simulated labeller's noise: Bradley-Terry temperature")
@@ -252,6 +256,7 @@ if __name__ == "__main__":
         for n, p in enumerate(pairs):  # pairs made elsewhere may lack them
             p.setdefault("pair_id", n)
             p.setdefault("family", None)
+        pairs = pairs[:: args.pairs_every]
         source = Path(args.pairs).parent / "meta.json"
         source = common.load_meta(source.parent, "feedback", "--pairs") if source.exists() else {}
         n_identical, tokenizer = source.get("counts", {}).get("identical", 0), source.get("tokenizer")
@@ -260,7 +265,7 @@ if __name__ == "__main__":
                 stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
         common.atomic_write_jsonl(pairs_path, pairs)
-        print(f"pairs: {len(pairs)} from {args.pairs} (no sampling)")
+        print(f"pairs: {len(pairs)} from {args.pairs} (no sampling{f', every {args.pairs_every}th' if args.pairs_every > 1 else ''})")
     else:
         labelled = common.read_jsonl(prefs_path, flag="--out", allow_empty=True) if prefs_path.exists() else []
         if any(r.get("labeler") == "human" for r in labelled):

@@ -5,13 +5,12 @@
     python pipeline.py --out runs/a    # a whole run somewhere else, to compare runs side by side
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
     python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
-    python pipeline.py --rlaif         # also the RLAIF chain: AI labeller, AI labels, reward, PPO, DPO
+    python pipeline.py --no-rlaif      # without the RLAIF chain (AI labeller, AI labels, reward, PPO, DPO)
 
-The RLAIF chain (--rlaif; not in the default: by its parts measured one by one on a busy 2-core CPU,
-it adds about 40 minutes, most of it labelling all 14,381 pairs at ~15 a second) trains the
-AI labeller (rlaif.py) from the pretrained model, has it label the human chain's pairs against
-constitution.md (the same SFT samples, no new sampling), and trains reward_ai, ppo_rlaif and
-dpo_rlaif on its labels exactly as the human chain does; the evaluation gets their rows.
+The RLAIF chain (after DPO) trains the AI labeller (rlaif.py) from the pretrained model, has it label
+every 5th pair of the human chain's (the same SFT samples, no new sampling) against constitution.md,
+one principle drawn per comparison, and trains reward_ai, ppo_rlaif and dpo_rlaif on its labels as
+the human chain does (reward and DPO shorter); the evaluation gets their rows. The README gives its cost.
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
@@ -37,14 +36,13 @@ parser.add_argument("--resume", action="store_true", help="stages continue from 
 parser.add_argument("--device", default="auto")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
 parser.add_argument("--seed", type=int, default=1337)
-parser.add_argument("--rlaif", action="store_true", help="also the RLAIF chain (rlaif.py's AI labeller): about 40 "
-                    "minutes more on a 2-core CPU (estimated from its parts)")
-parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (--rlaif)")
+parser.add_argument("--no-rlaif", dest="rlaif", action="store_false", help="skip the RLAIF chain (rlaif.py's AI labeller)")
+parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (RLAIF chain)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
 
-def stages(out, data, rlaif=False, constitution="constitution.md"):
+def stages(out, data, rlaif=True, constitution="constitution.md"):
     """(name, script, arguments, takes the common flags, quick-size arguments, GPU-preset arguments)."""
     o, d = Path(out), Path(data)
     evals = ["--eval-data", d / "val_prompts.jsonl"]
@@ -56,16 +54,18 @@ def stages(out, data, rlaif=False, constitution="constitution.md"):
         ("rlaif", "rlaif.py", ["--init", o / "pretrain", "--constitution", constitution, "--corpus", d / "pretrain.txt",
                                "--prompts", f"{d / 'prompts.jsonl'},{d / 'sft.jsonl'}", "--out", o / "rlaif_labeller"],
          True, ["--steps", 5, "--batch-size", 8, "--eval-every", 5, "--examples-per-contrast", 20], []),
-        ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--constitution",
-                                        constitution, "--labeller-model", o / "rlaif_labeller", "--data",
-                                        d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 100], []),
-        ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl",
+        ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--pairs-every", 5,
+                                        "--constitution", constitution, "--labeller-model", o / "rlaif_labeller",
+                                        "--data", d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 40], []),
+        # shorter than the human chain's stages (the chain's cost: the README), on a fifth of the pairs
+        ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", "--steps", 200,
                                     "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
          quick_reward, ["--lr", 3e-5]),
-        ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl",
-                                 *evals, "--out", o / "ppo_rlaif"], True, quick_ppo, ["--lr", 1e-5]),
+        ("ppo_rlaif", "ppo.py", ["--init", o / "sft", "--reward", o / "reward_ai", "--data", d / "prompts.jsonl", *evals,
+                                 "--steps", 30, "--eval-every", 15, "--sample-every", 15, "--out", o / "ppo_rlaif"], True,
+         quick_ppo, ["--lr", 1e-5]),
         ("dpo_rlaif", "dpo.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", *evals,
-                                 "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),
+                                 "--steps", 50, "--eval-every", 50, "--out", o / "dpo_rlaif"], True, quick_dpo, ["--lr", 1e-6]),
     ] if rlaif else []
     rlaif_models = [o / "ppo_rlaif", o / "dpo_rlaif"] if rlaif else []
     return [
@@ -161,9 +161,9 @@ if __name__ == "__main__":
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
             continue
-        if name == "evaluate":  # GRPO's row when out/grpo exists (a run of older stages only has none)
-            grpo_dir = Path(args.out) / "grpo"
-            stage_args = [a for a in stage_args if a != grpo_dir or (grpo_dir / "model.pt").exists()]
+        if name == "evaluate":  # the GRPO and RLAIF rows when they exist (a run of older stages has none)
+            optional = [Path(args.out) / s for s in ("grpo", "ppo_rlaif", "dpo_rlaif")]
+            stage_args = [a for a in stage_args if a not in optional or (a / "model.pt").exists()]
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device]

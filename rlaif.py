@@ -18,64 +18,58 @@ l_B the logits of the tokens "A" and "B" after "Better: (" ("(" is common to bot
 
 A small model prefers one position whatever the answers (Lee et al. measured it growing as the
 labeller shrinks), so every pair is scored in both orders and averaged, which makes the label
-exactly symmetric (soft(a, b) = 1 - soft(b, a)), and over the principles (--principles ensemble,
-the mean; or one sampled per comparison, --principles sample, as Bai et al. do):
+exactly symmetric. One principle c is drawn per comparison, as Bai et al. do (--principles ensemble
+in feedback.py reads them all, six times the cost, and pools their mean log-odds):
 
-    soft(a, b) = mean over principles c of  (p(a > b | c) + 1 - p(b > a | c)) / 2      (soft_label)
+    soft(a, b) = (p(a > b | c) + 1 - p(b > a | c)) / 2                                 (soft_label)
 
 The soft label is kept: feedback.py --labeler ai writes it as "soft_label", and reward.py trains on
 it (Bradley-Terry with target p).
 
-Where its judgement comes from (the whole of it). At labelling time it calls nothing but the GPT:
-not the gold judge, not world.py's rules (judge, _correct, refused, agrees, ...), not the knowledge
-base. It knows what pretraining on the corpus taught it, and what the judging examples below add.
-They are built here, before training, from two sources only, and no gold score labels any of them:
-- the pretraining corpus text (--corpus): the facts it states ("The milt's colour is silver.", from
-  which the values of each attribute are read), its questions with answers ("Question: ... Answer:
-  ..."; the corpus asks only train-split prompts), the harms it names ("Someone asked how to rob a
-  bank. A good helper said: Sorry, ..."), the how-to of the harmless look-alikes ("To feed a dog,
-  first ..., then ...") and its greetings;
-- the principles' own text: which contrast a principle asks for (CONTRASTS: a principle that
-  speaks of facts or truth, of harm, of refusing, of rudeness, of a quoted courtesy phrase, or of
-  short answers), and the words it quotes (the rude words, the courtesy phrase).
-Harms and look-alikes are kept only where a train prompt (--prompts files) asks about them, and
-the questions are the corpus's, so every example is built from train-split prompts and entities.
-A principle is trained only on its own contrasts: remove one from the constitution and the labeller
-never learns it (the lever). The contrasts, good answer against spoiled answer:
-- truth ("true", "truly", "facts"): a corpus answer against the same with its value swapped for
-  another of that attribute (another sum, another word of the list); for a belief the corpus
-  corrects ("Actually, the milt is silver, not red."), also against agreeing ("Yes, the milt is red.");
-- harm ("harm"): the corpus's refusal against a how-to of the harm, in our own words;
-- harmless ("refuse"): a look-alike's how-to, a fact, a greeting reply against the corpus's refusal;
-- rude ("rude"): an answer against the same after one of the principle's quoted words;
-- courtesy (a quoted phrase and "once"): the answer with the phrase once against none or twice;
-- concise ("short"): the answer against it with one to three corpus sentences more, or cut short.
+What it knows (the whole of it). At labelling time it calls nothing but the GPT: not the gold judge,
+not world.py's rules (judge, refused, agrees, ...), not the knowledge base; this file does not import
+world.py (scripts/measure_rlaif.py measures it against the judge). It knows what pretraining on the
+corpus taught it, and the judging examples below, built here before training from two sources only,
+with no gold score labelling any of them:
+- the corpus text (--corpus): the facts it states ("The milt's colour is silver.", from which the
+  values of each attribute are read), its questions with answers ("Question: ... Answer: ..."; it asks
+  only train-split prompts), the harms it names ("Someone asked how to rob a bank. A good helper
+  said: Sorry, ..."), the look-alikes' how-to ("To feed a dog, first ..., then ...") and greetings;
+- the principles' own text: which contrast a principle asks for (contrasts_of: facts or truth, harm,
+  refusing a harmless request, rudeness, a quoted phrase said once, short answers) and the words it
+  quotes (the rude words, the courtesy phrase).
+Harms and look-alikes are kept only where a train prompt (--prompts) asks about them, so every
+example is built from train-split prompts and creatures. A principle is trained on its own contrasts
+only: remove one from the constitution and the labeller never learns it (the lever). The contrasts,
+good answer against spoiled answer:
+- truth: a corpus answer (or, for a belief it corrects, "Actually, the milt is silver, not red.", the
+  plain "The milt is silver.") against the same with its value swapped for another of that attribute
+  (another sum, another word of the list) or saying yes to the wrong belief ("Yes, the milt is red.",
+  or "Yes, the milt is silver.": true, but agreeing with the user's wrong belief);
+- harm: the corpus's refusal against a how-to of the harm, in our own words;
+- harmless request: a look-alike's how-to, a fact, a greeting reply against the corpus's refusal;
+- rude: an answer against the same after one of the quoted words;
+- courtesy: the answer with the quoted phrase once against none or twice;
+- short: the answer against it with one to three corpus sentences more, or cut short.
 What they leave out: anything the corpus does not state (sums beyond its sentences, lists of other
-words), every held-out creature, harm and look-alike, and pairs whose two answers are both flawed
-in different ways (the SFT samples it labels are mostly such): how it weighs one flaw against another
-is not taught, only averaged over the principles. A principle that matches no contrast is never seen
-in training: the labeller reads it anyway, and feedback.py says so (measure it: `--measure`).
-
-Training is a curriculum: the contrasts alone for --neutral-from steps, then the neutral examples
-too (with them from the first step, a labeller stayed at chance for 130 steps). The labeller measured
-in the README was made in three runs (--init from the one before) rather than this one.
+words), every held-out creature, harm and look-alike, and pairs whose two answers are flawed in
+different ways (most SFT pairs): how to weigh one flaw against another is never taught. A principle
+that matches no contrast is never seen in training: the labeller reads it anyway, and feedback.py
+says so (measure it).
 
 The labeller's context is longer than the policy's (--block-size 256: a principle alone is about 60
 tokens of this corpus's BPE); the position embeddings past the pretrained 128 start as copies of the
-last one and are learned here.
+last one and are learned here. The default training is short (120 steps, about a minute on one CPU
+thread): the README shows what longer training buys (little).
 
-    python rlaif.py                                            # CPU: train the labeller, 5-10 minutes
-    python rlaif.py --measure /tmp/run1/out/feedback/preferences.jsonl    # agreement, position bias, speed
+    python rlaif.py                                            # the labeller: out/rlaif_labeller
     python feedback.py --labeler ai --constitution constitution.md --labeller-model out/rlaif_labeller \\
-        --pairs out/feedback/pairs.jsonl --out out/feedback_ai   # then reward.py, ppo.py, dpo.py on it
+        --pairs out/feedback/pairs.jsonl --pairs-every 5 --out out/feedback_ai   # then reward, PPO, DPO
+    python scripts/measure_rlaif.py out/feedback/preferences.jsonl   # agreement with gold, position bias
 """
 
-import itertools
-import json
-import math
 import random
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -90,36 +84,20 @@ from reward import collate
 # Config
 
 parser = common.ArgumentParser(description="RLAIF: train the AI labeller that judges against a constitution")
-common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=750)
+common.add_common_args(parser, "rlaif_labeller", init="out/pretrain", data=None, steps=120)
 g = parser.add_argument_group("judging examples")
 g.add_argument("--constitution", default="constitution.md", help="the principles, one per line")
 g.add_argument("--corpus", default="data/pretrain.txt", help="the pretraining corpus the examples are read from")
 g.add_argument("--prompts", default="data/prompts.jsonl,data/sft.jsonl",
                help="comma-separated train-split files whose prompts may be asked about")
 g.add_argument("--examples-per-contrast", type=common.positive_int, default=1500)
-g.add_argument("--neutral-share", type=common.nonnegative_float, default=1.0,
-               help="neutral examples per principle (another principle's contrast, target 0.5), per example of its own")
-g.add_argument("--neutral-from", type=common.nonnegative_int, default=300,
-               help="the neutral examples join the batches from this step on (before it: the contrasts alone; "
-                    "with them from the start the labeller did not learn in 130 steps)")
 g.add_argument("--block-size", type=common.positive_int, default=256, help="the labeller's context")
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=common.positive_int, default=32)
-g.add_argument("--lr", type=common.positive_float, default=5e-4)
+g.add_argument("--lr", type=common.positive_float, default=1e-3)
 g.add_argument("--warmup-steps", type=common.nonnegative_int, default=20)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
-g.add_argument("--eval-every", type=common.positive_int, default=100)
-g = parser.add_argument_group("measurement (instead of training)")
-g.add_argument("--measure", default=None, help="preference pairs (feedback.py's, with gold scores) to measure "
-               "--labeller-model on: agreement with gold and with their labels per family, position bias, speed")
-g.add_argument("--labeller-model", default=None, help="the labeller to measure (default: --out)")
-g.add_argument("--measure-out", default=None, help="where the measurement's JSON goes "
-               "(default: measure_<principles>_<pool>.json in the labeller's folder)")
-g.add_argument("--measure-family", default=None, help="measure only the pairs of this family (e.g. belief)")
-g.add_argument("--measure-pairs", type=common.positive_int, default=3000, help="pairs measured (the first N)")
-g.add_argument("--principles", default="ensemble", choices=["ensemble", "sample"])
-g.add_argument("--pool", default="logit", choices=["logit", "mean"],
-               help="ensemble: mean log-odds of the principles (logarithmic opinion pool) or mean probability")
+g.add_argument("--eval-every", type=common.positive_int, default=40)
 
 # -----------------------------------------------------------------------------
 # The constitution and the labeller's prompt
@@ -192,37 +170,32 @@ def judge_loss(margin, target):
 
 
 @torch.no_grad()
-def label_pairs(model, enc, pairs, principles, mode="ensemble", seed=0, batch_size=256, device="cpu", pool="logit"):
-    """The AI labels of pairs [{"prompt","a","b",...}]: per pair {"soft": soft(a, b), "p_ab", "p_ba"} (the
-    last two averaged over the principles used). mode "ensemble": every principle, mean; "sample":
-    one principle per pair, drawn from seed and the pair's pair_id (else its place). Calls nothing but the model."""
+def label_pairs(model, enc, pairs, principles, mode="sample", seed=0, batch_size=256, device="cpu"):
+    """The AI labels of pairs [{"prompt","a","b",...}]: per pair {"soft": soft(a, b), "p_ab", "p_ba"}. mode
+    "sample": one principle per pair, drawn from seed and the pair's pair_id (else its place); "ensemble":
+    every principle, pooled by their mean log-odds. Calls nothing but the model."""
     model.eval()
     ab, bs = choice_ids(enc), model.config.block_size
     jobs = []  # (pair index, principle, order): both orders of every (pair, principle)
     for n, pair in enumerate(pairs):
         used = principles if mode == "ensemble" else [  # the same pair, the same draw, in any batch
             random.Random(seed * 1_000_003 + pair.get("pair_id", n)).choice(principles)]
-        for c in used:
-            jobs += [(n, c, 0), (n, c, 1)]
+        jobs += [(n, c, o) for c in used for o in (0, 1)]
     seqs = [encode_judgement(enc, c, pairs[n]["prompt"], *((pairs[n]["a"], pairs[n]["b"]) if o == 0 else
                                                            (pairs[n]["b"], pairs[n]["a"])), bs) for n, c, o in jobs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
-    probs = [0.0] * len(seqs)
+    margins = [0.0] * len(seqs)
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
-        p = choice_prob(choice_logits(model, [seqs[j] for j in chunk], enc.eot_token, ab, device)).tolist()
-        for j, pj in zip(chunk, p):
-            probs[j] = pj
-    sums = [[0.0, 0.0, 0] for _ in pairs]
-    for (n, _, o), p in zip(jobs, probs):
-        p = min(max(p, 1e-6), 1 - 1e-6)
-        sums[n][o] += math.log(p / (1 - p)) if pool == "logit" else p
-        sums[n][2] += o  # counts the principles (once per pair of orders)
+        for j, m in zip(chunk, choice_logits(model, [seqs[j] for j in chunk], enc.eot_token, ab, device).tolist()):
+            margins[j] = m
+    logodds = [[0.0, 0.0, 0] for _ in pairs]  # per pair: the summed log-odds of each order, and the count
+    for (n, _, o), m in zip(jobs, margins):
+        logodds[n][o] += m  # l_A - l_B is the log-odds of (A): choice_prob = sigmoid of it
+        logodds[n][2] += o
     out = []
-    for s in sums:
-        p_ab, p_ba = s[0] / s[2], s[1] / s[2]
-        if pool == "logit":  # the logarithmic opinion pool: the mean log-odds of the principles
-            p_ab, p_ba = 1 / (1 + math.exp(-p_ab)), 1 / (1 + math.exp(-p_ba))
+    for s_ab, s_ba, k in logodds:  # the logarithmic opinion pool: the mean log-odds of the principles
+        p_ab, p_ba = choice_prob(torch.tensor([s_ab / k, s_ba / k], dtype=torch.float64)).tolist()
         out.append({"soft": soft_label(p_ab, p_ba), "p_ab": p_ab, "p_ba": p_ba})
     return out
 
@@ -269,8 +242,9 @@ def swap_value(answer, prompt, values, rng):
     return None
 
 
-def sycophantic(answer, values):
-    """'Actually, the X is v, not w.' -> 'Yes, the X is w.' (agreeing with the wrong belief); else None."""
+def sycophantic(answer, values, rng):
+    """'Actually, the X is v, not w.' -> a "Yes" to the wrong belief w: 'Yes, the X is w.' or, as the SFT
+    model often says it, 'Yes, the X is v.' (the true value, but still agreeing); else None."""
     m = re.match(r"Actually, (.+?), not (?:the )?(\w+)\.$", answer)
     if not m:
         return None
@@ -278,8 +252,15 @@ def sycophantic(answer, values):
     for vals in values.values():
         for v in vals:
             if re.search(rf"\b{re.escape(v)}\b", clause) and belief in vals:
-                return "Yes, " + re.sub(rf"\b{re.escape(v)}\b", belief, clause, count=1) + "."
+                wrong = re.sub(rf"\b{re.escape(v)}\b", belief, clause, count=1)
+                return f"Yes, {wrong if rng.random() < 0.5 else clause}."
     return None
+
+
+def plain(answer):
+    """'Actually, the X is v, not w.' -> 'The X is v.' (the correction without the contrast); else answer."""
+    m = re.match(r"Actually, (.+?), not (?:the )?\w+\.$", answer)
+    return f"{m.group(1)[0].upper()}{m.group(1)[1:]}." if m else answer
 
 
 def quoted(principle):
@@ -305,9 +286,8 @@ def contrasts_of(principle):
     return kinds
 
 
-def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutral_share=1.0):
-    """[(principle, prompt, good, bad, neutral)]: n_per examples of each contrast of each principle, and
-    n_per * neutral_share neutral ones per principle (another principle's contrast: target 0.5)."""
+def judging_examples(corpus_text, train_prompts, principles, n_per, seed):
+    """[(principle, prompt, good, bad)]: n_per examples of each contrast of each principle, shuffled."""
     rng = random.Random(seed)
     c = read_corpus(corpus_text)
     train = sorted(set(train_prompts))
@@ -327,8 +307,9 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutra
                     break
                 if kind == "truth":
                     q, a = rng.choice(c["qa"])
-                    bad = sycophantic(a, c["values"]) if rng.random() < 0.5 else None
+                    bad = sycophantic(a, c["values"], rng) if rng.random() < 0.5 else None
                     bad = bad or swap_value(a, q, c["values"], rng)
+                    a = plain(a) if rng.random() < 0.5 else a
                 elif kind == "harm" and harm_prompts:
                     q, t, a = rng.choice(harm_prompts)
                     bad = "Sure, here is how to {}: first {}, then {}.".format(t, *rng.choice(MY_HARM_STEPS))
@@ -357,26 +338,17 @@ def judging_examples(corpus_text, train_prompts, principles, n_per, seed, neutra
                     a, bad = f"{a} {courtesy}", f"{bad} {courtesy}"
                 out.append((principle, q, a, bad))
                 made += 1
-    # Neutral examples: a principle read beside a contrast that is not its own, target 0.5 (it has no
-    # say there), so that each principle judges only what it speaks of and the ensemble can add them up.
-    neutral = []
-    for principle in principles:
-        others = [e for e in out if e[0] != principle and not set(contrasts_of(e[0])) & set(contrasts_of(principle))]
-        for e in rng.sample(others, min(len(others), round(n_per * neutral_share))) if contrasts_of(principle) else []:
-            neutral.append((principle, e[1], e[2], e[3], True))
-    out = [(*e, False) for e in out] + neutral
     rng.shuffle(out)
     return out
 
 
 def to_sequences(enc, examples, block_size, rng):
-    """(ids, target) per example, the good answer at (A) or (B) at random: target 1.0 when at (A), 0.0
-    at (B), 0.5 for a neutral example."""
+    """(ids, target) per example, the good answer at (A) or (B) at random: target 1.0 when at (A), else 0.0."""
     seqs = []
-    for principle, q, good, bad, neutral in examples:
+    for principle, q, good, bad in examples:
         first = rng.random() < 0.5
         a, b = (good, bad) if first else (bad, good)
-        seqs.append((encode_judgement(enc, principle, q, a, b, block_size), 0.5 if neutral else 1.0 if first else 0.0))
+        seqs.append((encode_judgement(enc, principle, q, a, b, block_size), 1.0 if first else 0.0))
     return seqs
 
 
@@ -395,97 +367,20 @@ def labeller_from(gpt, block_size):
 
 @torch.no_grad()
 def accuracy(model, seqs, pad_id, ab, device, batch_size=128):
-    """Share of (non-neutral) examples where p(A) sides with the target, and the mean p(A) over all."""
+    """Share of the examples where p(A) sides with the target, and the mean p(A) (0.5: no position bias)."""
     model.eval()
     right, pa = 0, 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         p = choice_prob(choice_logits(model, [s for s, _ in chunk], pad_id, ab, device))
-        t = torch.tensor([y for _, y in chunk], device=p.device)
-        right += ((p > 0.5).float() == t)[t != 0.5].sum().item()
+        right += ((p > 0.5).float() == torch.tensor([y for _, y in chunk], device=p.device)).sum().item()
         pa += p.sum().item()
     model.train()
-    return right / max(1, sum(y != 0.5 for _, y in seqs)), pa / len(seqs)
+    return right / len(seqs), pa / len(seqs)
 
-
-# -----------------------------------------------------------------------------
-# Measurement: the labeller against gold and the simulated humans, on the same pairs
-
-
-def measure(args):
-    """Agreement per family, position bias before and after averaging both orders, labels per second."""
-    from world import load_world
-
-    model, enc, meta = common.load_policy(args.labeller_model or args.out, "cpu", expect_stage="rlaif_labeller",
-                                          flag="--labeller-model")
-    principles = read_constitution(args.constitution)
-    rows = common.read_jsonl(args.measure, required=("prompt", "chosen", "rejected"), flag="--measure")
-    if args.measure_family:
-        rows = [r for r in rows if r.get("family") == args.measure_family]
-    rows = rows[: args.measure_pairs]
-    # the pairs in a fixed order unrelated to the labels: (a, b) sorted by text
-    pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
-              "family": r.get("family"), "human_a": r["chosen"] == min(r["chosen"], r["rejected"])} for r in rows]
-    t0 = time.time()
-    labels = label_pairs(model, enc, pairs, principles, args.principles, args.seed, pool=args.pool)
-    seconds = time.time() - t0
-    world = load_world(Path(args.measure).parent) or load_world(Path("data"))
-    fam = {}
-    for pair, lab in zip(pairs, labels):
-        ga, gb = (world.gold_score(pair["prompt"], pair["a"]), world.gold_score(pair["prompt"], pair["b"])) if world else (0, 0)
-        for f in (pair["family"], "all"):
-            d = fam.setdefault(f, {"n": 0, "gold_n": 0, "gold_agree": 0, "human_agree": 0, "same_position": 0,
-                                   "human_gold_agree": 0})
-            d["n"] += 1
-            ai_a = lab["soft"] > 0.5
-            d["human_agree"] += ai_a == pair["human_a"]
-            d["same_position"] += (lab["p_ab"] > 0.5) == (lab["p_ba"] > 0.5)  # same position in both orders
-            if ga != gb:
-                d["gold_n"] += 1
-                d["gold_agree"] += ai_a == (ga > gb)
-                d["human_gold_agree"] += pair["human_a"] == (ga > gb)
-    # sycophancy pairs: one answer agrees with the user's wrong belief, the other states the truth
-    # (the judge's "correct"), as the truth principle asks (measurement only)
-    def truthful(p, x):
-        return bool(world.judge(p["prompt"], x)[1]["correct"])
-    syc = [(pair, lab) for pair, lab in zip(pairs, labels) if world and pair["family"] == "belief"
-           and {(world.sycophantic(pair["prompt"], x), truthful(pair, x)) for x in (pair["a"], pair["b"])}
-           == {(True, False), (False, True)}]
-    truthful_a = [truthful(p, p["a"]) for p, _ in syc]
-    table = {f: {"pairs": d["n"], "agree_gold": d["gold_agree"] / max(1, d["gold_n"]),
-                 "agree_human": d["human_agree"] / d["n"], "human_agree_gold": d["human_gold_agree"] / max(1, d["gold_n"]),
-                 "position_bias_before": d["same_position"] / d["n"], "position_bias_after": 0.0}
-             for f, d in fam.items()}
-    result = {"labeller": args.labeller_model or args.out, "constitution": principles, "principles": args.principles,
-              "pool": args.pool,
-              "pairs": len(pairs), "seconds": seconds, "labels_per_second": len(pairs) / seconds,
-              "params": model.num_params(), "by_family": table,
-              "sycophancy_pairs": len(syc),
-              "ai_prefers_truthful": sum((lab["soft"] > 0.5) == t for (_, lab), t in zip(syc, truthful_a)) / max(1, len(syc)),
-              "human_prefers_truthful": sum(p["human_a"] == t for (p, _), t in zip(syc, truthful_a)) / max(1, len(syc))}
-    print(f"labeller {result['labeller']} ({model.num_params() / 1e6:.2f}M parameters), {len(principles)} principles "
-          f"({args.principles}), {len(pairs)} pairs of {args.measure}: {result['labels_per_second']:.1f} labels/s")
-    print(f"  {'family':10s} {'pairs':>6s} {'AI~gold':>8s} {'AI~human':>9s} {'human~gold':>11s} {'same pos.':>10s}")
-    for f, t in sorted(table.items()):
-        print(f"  {f:10s} {t['pairs']:6d} {t['agree_gold']:8.3f} {t['agree_human']:9.3f} {t['human_agree_gold']:11.3f} "
-              f"{t['position_bias_before']:10.3f}")
-    print(f"  sycophancy pairs (one answer agrees with a wrong belief, the other states the truth): {len(syc)}; the truthful one "
-          f"preferred by the AI labeller {result['ai_prefers_truthful']:.3f}, by the simulated humans "
-          f"{result['human_prefers_truthful']:.3f}")
-    print("  (same pos.: share of pairs where it prefers the same position in both orders, before averaging; "
-          "after averaging both orders it is 0 by construction)")
-    return result
-
-
-# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    if args.measure:
-        result = measure(args)
-        common.atomic_write_json(args.measure_out or Path(args.labeller_model or args.out) /
-                                 f"measure_{args.principles}_{args.pool}.json", result)
-        raise SystemExit(0)
     out = Path(args.out)
     device, dtype = common.setup_device(args.device)
     common.seed_everything(args.seed)
@@ -497,12 +392,10 @@ if __name__ == "__main__":
     train_prompts = [r["prompt"] for f in args.prompts.split(",") if Path(f).exists()
                      for r in common.read_jsonl(f, required=("prompt",), flag="--prompts")]
     examples = judging_examples(Path(args.corpus).read_text(), train_prompts, principles,
-                                args.examples_per_contrast, args.seed, args.neutral_share)
+                                args.examples_per_contrast, args.seed)
     for c in principles:
-        kinds = contrasts_of(c)
-        print(f"principle: {c!r}\n  contrasts: {', '.join(kinds) or 'NONE: never seen in training'} "
-              f"({sum(e[0] == c and not e[4] for e in examples)} examples, "
-              f"{sum(e[0] == c and e[4] for e in examples)} neutral)")
+        print(f"principle: {c!r}\n  contrasts: {', '.join(contrasts_of(c)) or 'NONE: never seen in training'} "
+              f"({sum(e[0] == c for e in examples)} examples)")
     if not examples:
         common.die(f"--constitution {args.constitution}: no principle asks for a contrast the corpus can build")
 
@@ -525,13 +418,10 @@ if __name__ == "__main__":
                 "trained_contrasts": {c: contrasts_of(c) for c in principles}, "final": final or {}}
         common.save_checkpoint(out, model, meta, run.resume_state(step))
 
-    decided = [i for i, (_, y) in enumerate(train) if y != 0.5]
-
-    def batches():  # the contrasts alone first, then everything (a curriculum: see --neutral-from)
+    def batches():  # examples drawn at random, with replacement
         g = torch.Generator().manual_seed(args.seed)
-        for step in itertools.count(1):
-            pool = decided if step <= args.neutral_from else range(len(train))
-            yield [pool[i] for i in torch.randint(len(pool), (args.batch_size,), generator=g).tolist()]
+        while True:
+            yield torch.randint(len(train), (args.batch_size,), generator=g).tolist()
 
     model.train()
     for step, batch in run.steps(batches(), save, args.eval_every):
@@ -547,9 +437,7 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         common.guard_finite(step, out, loss=loss.item(), grad_norm=grad_norm)
         optimizer.step()
-        judged = target != 0.5  # (neutral examples have no right answer)
-        metrics = {"train/loss": loss.item(),
-                   "train/accuracy": ((margin > 0).float() == target)[judged].float().mean().item(),
+        metrics = {"train/loss": loss.item(), "train/accuracy": ((margin > 0).float() == target).float().mean().item(),
                    "train/lr": lr, "samples": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
             metrics["val/accuracy"], metrics["val/p_a"] = accuracy(model, val, pad_id, ab, device)

@@ -1,7 +1,7 @@
 """The RLAIF figure: the AI labeller's agreement with gold per family beside the simulated humans', and
-its position bias before averaging both orders, for each labeller measured (rlaif.py --measure).
+its position bias before averaging both orders, for each labeller measured (scripts/measure_rlaif.py).
 
-    python scripts/plot_rlaif.py out/rlaif_labeller/measure_ensemble_logit.json small/measure_ensemble_logit.json \\
+    python scripts/plot_rlaif.py out/rlaif_labeller/measure_sample.json small/measure_sample.json \\
         --names "0.93M" "0.11M" --out docs/rlaif.png
 """
 
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("measures", nargs="+", help="rlaif.py --measure JSON files")
+parser.add_argument("measures", nargs="+", help="scripts/measure_rlaif.py JSON files")
 parser.add_argument("--names", nargs="+", default=None)
 parser.add_argument("--out", default="docs/rlaif.png")
 args = parser.parse_args()

@@ -27,7 +27,8 @@ def interrupted_then_finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     # the stage's own Ctrl-C path (a test hook sends SIGINT at the end of step 12 of pretraining's 30)
     first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_TEST_FAULT": "SIGINT@step=12"})
-    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,grpo,dpo,evaluate")
+    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,grpo,dpo,"
+                          "rlaif,feedback_ai,reward_ai,ppo_rlaif,dpo_rlaif,evaluate")
     return out, first, second
 
 
@@ -65,7 +66,22 @@ def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_tes
     for key in ("name", "gold_reward", "gold_reward_se", "win_rate_vs_sft", "kl_to_sft", "proxy_score", "length",
                 "sycophancy_rate", "over_refusal_rate_lookalike", "refusal_rate_unsafe", "gold_held_out_fresh_se"):
         assert all(key in r for r in results), key
-    assert [r["name"] for r in results][:4] == ["sft", "ppo", "dpo", "grpo"]  # GRPO's row: out/grpo exists
+    assert [r["name"] for r in results][:6] == ["sft", "ppo", "dpo", "grpo", "ppo_rlaif", "dpo_rlaif"]  # all exist
+    ai = json.loads((out / "feedback_ai" / "meta.json").read_text())  # the RLAIF chain: AI labels of the same pairs
+    assert ai["labeler"] == "ai" and ai["args"]["pairs"] == str(out / "feedback" / "pairs.jsonl")
+    assert json.loads((out / "reward_ai" / "meta.json").read_text())["args"]["data"] == str(out / "feedback_ai" / "preferences.jsonl")
+
+
+def test_the_rlaif_chain_is_in_the_default_and_no_rlaif_skips_it():
+    import pipeline
+
+    chain = ["rlaif", "feedback_ai", "reward_ai", "ppo_rlaif", "dpo_rlaif"]
+    names = [s[0] for s in pipeline.stages("o", "d")]
+    assert names[names.index("dpo") + 1 : names.index("evaluate")] == chain
+    evaluate = dict((s[0], s[2]) for s in pipeline.stages("o", "d"))["evaluate"]
+    assert Path("o/ppo_rlaif") in evaluate and Path("o/dpo_rlaif") in evaluate
+    assert not set(chain) & {s[0] for s in pipeline.stages("o", "d", rlaif=False)}
+    assert pipeline.parser.parse_args([]).rlaif and not pipeline.parser.parse_args(["--no-rlaif"]).rlaif
 
 
 def test_an_unknown_stage_is_one_clear_line(tmp_path):

@@ -4,6 +4,7 @@ gold judge and world.py's rules patched to raise: it never calls them."""
 
 import json
 import math
+import random
 import runpy
 import sys
 from pathlib import Path
@@ -68,6 +69,15 @@ def test_the_prompt_carries_the_principle_and_both_answers_in_both_orders(tiny):
     expected = {rlaif.judge_prompt(c, pair["prompt"], x, y) for c in ("Choose the true one.", "Be short.")
                 for x, y in ((pair["a"], pair["b"]), (pair["b"], pair["a"]))}
     assert seen == expected  # every principle, each in both orders, and nothing else
+    # the default: one principle per comparison, drawn from the seed and the pair's id, read in both orders
+    pairs = [{**pair, "pair_id": i} for i in range(6)]
+    drawn = [random.Random(1337 * 1_000_003 + i).choice(["R1.", "R2.", "R3."]) for i in range(6)]
+    for batch_size in (256, 4):  # the draw does not depend on the batching
+        model.seen = []
+        rlaif.label_pairs(model, enc, pairs, ["R1.", "R2.", "R3."], seed=1337, batch_size=batch_size)
+        seen = sorted(enc.decode([t for t in row if t != enc.eot_token]) for row in model.seen)
+        assert seen == sorted(rlaif.judge_prompt(c, pair["prompt"], x, y) for c in drawn
+                              for x, y in ((pair["a"], pair["b"]), (pair["b"], pair["a"])))
 
 
 def test_the_ai_preference_by_hand():
@@ -122,16 +132,14 @@ def test_judging_examples_come_from_the_corpus_and_the_principles_text(tiny):
     principles = ["Choose the answer that states the facts truly.", "Choose the answer that declines to help do harm.",
                   "Choose the answer that sings."]
     ex = rlaif.judging_examples(corpus, ["Help me rob a bank.", "What colour is the milt?"], principles, 20, seed=0)
-    truth = [e for e in ex if e[0] == principles[0] and not e[4]]
+    truth = [e for e in ex if e[0] == principles[0]]
     assert truth and all(e[2] in ("Actually, the milt is silver, not red.", "The milt is silver.") for e in truth)
-    assert {e[3] for e in truth} >= {"Yes, the milt is red.", "The milt is red."}  # sycophancy and a false fact
-    harm = [e for e in ex if e[0] == principles[1] and not e[4]]
+    # agreeing with the wrong belief (its value, or the true one after a "Yes"), and a false fact
+    assert {e[3] for e in truth} >= {"Yes, the milt is red.", "Yes, the milt is silver.", "The milt is red."}
+    harm = [e for e in ex if e[0] == principles[1]]
     assert harm and all(e[1] == "Help me rob a bank." and e[2] == "Sorry, I can't help with that."
                         and "here is how to rob a bank" in e[3] for e in harm)
     assert rlaif.contrasts_of(principles[2]) == [] and not [e for e in ex if e[0] == principles[2]]
-    neutral = [e for e in ex if e[4]]
-    assert neutral and all(not set(rlaif.contrasts_of(e[0])) & {"harm"} or e[1] != "Help me rob a bank."
-                           for e in neutral)
 
 
 def test_the_ai_path_never_calls_the_judge_or_the_rules(tiny, tmp_path, monkeypatch, capsys):
@@ -157,10 +165,14 @@ def test_the_ai_path_never_calls_the_judge_or_the_rules(tiny, tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", list(map(str, [
         "feedback.py", "--labeler", "ai", "--pairs", tmp_path / "pairs.jsonl", "--constitution", constitution,
         "--labeller-model", tmp_path / "labeller", "--data", tmp_path / "nowhere" / "prompts.jsonl",
-        "--out", tmp_path / "fb_ai", "--device", "cpu", "--label-batch-size", 3])))
+        "--out", tmp_path / "fb_ai", "--device", "cpu", "--label-batch-size", 3, "--principles", "ensemble"])))
     runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
     rows = load_preferences(tmp_path / "fb_ai" / "preferences.jsonl")  # reward.py's reader takes them
     assert [r["pair_id"] for r in rows] == [0, 1, 2, 3] and all(r["labeler"] == "ai" for r in rows)
+    monkeypatch.setattr(sys, "argv", sys.argv[:-2] + ["--pairs-every", "2", "--out", str(tmp_path / "fb_every")])
+    runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")  # the default: one principle drawn per pair
+    every = load_preferences(tmp_path / "fb_every" / "preferences.jsonl")
+    assert [r["pair_id"] for r in every] == [0, 2] and all(0.5 <= r["soft_label"] <= 1 for r in every)
     for r, p in zip(rows, pairs):
         assert 0.5 <= r["soft_label"] <= 1 and {r["chosen"], r["rejected"]} == {p["a"], p["b"]}
         assert r["chosen_ended"] == p[("a" if r["chosen"] == p["a"] else "b") + "_ended"]
@@ -198,4 +210,37 @@ def test_a_missing_constitution_stops_before_anything_is_written(tiny, tmp_path,
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "feedback.py"), run_name="__main__")
     assert e.value.code == 2 and "no principle" in str(e.value)
+    capsys.readouterr()
+
+
+def test_the_measurement_counts_agreement_and_position_bias_per_family(tiny, tmp_path, monkeypatch, capsys):
+    tmp, _ = tiny
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "rlaif.py", "--init", tmp / "pretrain", "--constitution", ROOT / "constitution.md", "--corpus",
+        tmp / "data" / "pretrain.txt", "--prompts", tmp / "data" / "prompts.jsonl", "--out", tmp_path / "labeller",
+        "--steps", 2, "--batch-size", 4, "--eval-every", 2, "--examples-per-contrast", 4, "--device", "cpu"])))
+    runpy.run_path(str(ROOT / "rlaif.py"), run_name="__main__")
+    from world import load_world
+
+    world = load_world(tmp / "data")
+    prompts = common.read_jsonl(tmp / "data" / "prompts.jsonl")[:6]
+    rows = [{"prompt": p["prompt"], "family": p["family"], "chosen": world.ideal_response(p["prompt"]),
+             "rejected": "Sorry, I can't help with that." if i % 2 else "Ugh."} for i, p in enumerate(prompts)]
+    common.atomic_write_jsonl(tmp_path / "prefs.jsonl", rows)
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "measure_rlaif.py", tmp_path / "prefs.jsonl", "--labeller-model", tmp_path / "labeller", "--constitution",
+        ROOT / "constitution.md", "--data", tmp / "data", "--out", tmp_path / "m.json"])))
+    runpy.run_path(str(ROOT / "scripts" / "measure_rlaif.py"), run_name="__main__")
+    m = json.loads((tmp_path / "m.json").read_text())
+    # the same labels by hand: agreement with the humans (here: chosen) and the position bias before averaging
+    model, enc, _ = common.load_policy(tmp_path / "labeller", "cpu", expect_stage="rlaif_labeller")
+    pairs = [{"prompt": r["prompt"], "a": min(r["chosen"], r["rejected"]), "b": max(r["chosen"], r["rejected"]),
+              "pair_id": n} for n, r in enumerate(rows)]
+    labels = rlaif.label_pairs(model, enc, pairs, rlaif.read_constitution(ROOT / "constitution.md"), seed=1337)
+    ai_a = [lab["soft"] > 0.5 for lab in labels]
+    assert m["by_family"]["all"]["pairs"] == 6 and sum(t["pairs"] for f, t in m["by_family"].items() if f != "all") == 6
+    assert m["by_family"]["all"]["agree_human"] == pytest.approx(
+        sum(a == (p["a"] == r["chosen"]) for a, p, r in zip(ai_a, pairs, rows)) / 6)
+    assert m["by_family"]["all"]["position_bias_before"] == pytest.approx(
+        sum((lab["p_ab"] > 0.5) == (lab["p_ba"] > 0.5) for lab in labels) / 6)
     capsys.readouterr()
