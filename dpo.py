@@ -197,12 +197,14 @@ if __name__ == "__main__":
     else:
         # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
         # (Every rank computes all of them: simpler than sharding and gathering, and done once.)
-        ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
-                     "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
+        with common.phase("scoring"):
+            ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
+                         "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
         print(f"reference log-probs of {2 * (n_train + len(val_data)):,} answers computed "
               f"(mean chosen {ref_logps['train'][0].mean():.2f}, rejected {ref_logps['train'][1].mean():.2f})")
 
     @torch.no_grad()
+    @common.phase("eval")
     def evaluate():
         metrics = {}
         if val_data:
@@ -263,3 +265,4 @@ if __name__ == "__main__":
     save(args.steps, final)
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float) and "/" in k))
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

@@ -301,8 +301,9 @@ if __name__ == "__main__":
 
         for step in common.steps(start, n_steps, save_samples, out):  # Ctrl-C: saves the samples so far, exits
             chunk = repeated[(step - 1) * args.sample_batch_size : step * args.sample_batch_size]
-            new = sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
-                                   batch_size=args.sample_batch_size, generator=generator)
+            with common.phase("sampling"):
+                new = sample_responses(model, enc, chunk, device, args.max_new_tokens, args.temperature,
+                                       batch_size=args.sample_batch_size, generator=generator)
             responses += new
             metrics = {"samples": len(responses), "feedback/ended": sum(r["ended"] for r in new) / len(new),
                        "feedback/length": sum(len(r["ids"]) for r in new) / len(new)}
@@ -367,7 +368,8 @@ if __name__ == "__main__":
     labels = common.steps(len(done), len(pairs), save, out, counter="label", ctrl_c=not human)
     t_labels, n = time.time(), 0
     for n, (_, pair) in enumerate(zip(labels, todo), 1):
-        choice = ask(pair)
+        with common.phase("labelling"):
+            choice = ask(pair)
         if choice == "q":
             break
         if choice == "s":
@@ -396,9 +398,10 @@ if __name__ == "__main__":
         final["feedback/soft_label_mean"] = sum(r["soft_label"] for r in prefs) / len(prefs)
         final["feedback/position_same"] = sum((r["position_probs"][0] > 0.5) == (r["position_probs"][1] > 0.5)
                                               for r in prefs) / len(prefs)
-    save(final=final)
+    save(final={**final, **common.phase_times()})
     print(f"labels: {len(prefs)} of {len(pairs)} pairs ({len(skipped)} skipped, {final['feedback/remaining']} left)")
     if world is not None and n_decided:
         print(f"agreement with the gold ranking: {agreement:.3f} ({contradictions} of {n_decided} labels on pairs "
               f"with different gold scores contradict it; {final['feedback/gold_ties']} pairs tie on gold)")
     print(f"saved {prefs_path}, {skipped_path.name}, {pairs_path.name}, meta.json")
+    common.print_phase_times()

@@ -18,6 +18,7 @@ another, each in a fresh process, exactly as you would by hand. A stage that fai
 """
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -138,7 +139,8 @@ def write_report(out, times, quick):
     if plots:
         lines += ["## Learning curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     lines += ["## Wall time per stage", "", "| stage | time |", "|---|---|"]
-    lines += [f"| {name} | {common.format_seconds(t)} |" for name, t in times.items()] + [""]
+    lines += [f"| {name} | {common.format_seconds(t)} |" for name, t in times.items()]
+    lines += [f"| **total** | **{common.format_seconds(sum(times.values()))}** |", ""]
     common.atomic_write_text(o / "report.md", "\n".join(lines))
     return results.read_text() if results.exists() else ""
 
@@ -156,6 +158,10 @@ if __name__ == "__main__":
             common.die(f"--only {name}: no such stage (stages: {', '.join(names)})")
     first = names.index(args.start) if args.start else 0
 
+    # Threads: chosen once, here, for every stage (common.setup_threads): measured before the first stage,
+    # the load average is other jobs', not the stages' own.
+    if not os.environ.get("OMP_NUM_THREADS") and args.device in ("auto", "cpu"):
+        os.environ["RLHF_THREADS"] = str(common.setup_threads())
     times = {}
     t_start = time.time()
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
