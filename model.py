@@ -297,7 +297,14 @@ class GPT(nn.Module):
             attention_mask = torch.ones_like(idx)
         attention_mask = attention_mask.long()
         kv_cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
-        logits = self(idx, attention_mask, kv_cache=kv_cache)[:, -1, :]  # prefill: (B, V) at the last column
+        # Prefill: (B, V) logits at the last column. Rows with the same prompt (best-of-n, a group of answers)
+        # share its keys and values: computed once and copied (a row's numbers depend on that row alone).
+        unique, inverse = torch.unique(torch.cat([idx, attention_mask], dim=1), dim=0, return_inverse=True)
+        if use_cache and len(unique) < B:
+            logits = self.lm_head(self.hidden_states(unique[:, :T], unique[:, T:], kv_cache=kv_cache)[:, -1])[inverse]
+            kv_cache.k, kv_cache.v = kv_cache.k[:, inverse], kv_cache.v[:, inverse]
+        else:
+            logits = self.lm_head(self.hidden_states(idx, attention_mask, kv_cache=kv_cache)[:, -1])
 
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         rows = torch.arange(B, device=idx.device)  # the rows still in the batch (logits, mask, cache)

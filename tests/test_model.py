@@ -138,10 +138,11 @@ def test_cached_generation_equals_uncached():
 
 def test_finished_rows_leave_the_batch_and_change_no_token():
     """generate drops finished rows from its batch (and draws torch.multinomial's noise itself, for the
-    whole batch): its tokens must be those of a plain loop that runs every row to the end with
-    torch.multinomial and no cache."""
+    whole batch), and prefills a repeated prompt once: its tokens must be those of a plain loop that
+    runs every row to the end with torch.multinomial and no cache."""
     model = make_model(vocab_size=12)  # a small vocabulary: some rows end early, others late
-    idx, mask = left_pad(random_prompts([3, 7, 1, 12, 6, 2, 9, 5], vocab_size=12), PAD)
+    prompts = random_prompts([3, 7, 1, 12, 6, 2, 9, 5], vocab_size=12)
+    idx, mask = left_pad(prompts + prompts[:3] + prompts[:1], PAD)  # repeats, as best-of-n samples them
     eos, pad, n = 3, PAD, 30
 
     def reference(seed):
