@@ -684,11 +684,12 @@ def phase_times():
 
 def print_phase_times():
     """One line: each phase's seconds and share of the time since this process imported common
-    ("other": what no phase covers: imports, setup, the loop's own bookkeeping)."""
+    ("other": what no phase covers: imports, setup, the loop's own bookkeeping), and the CPU time of
+    all its threads (on a shared machine it moves less than the wall time: it leaves out the waiting)."""
     total = time.perf_counter() - _PROCESS_START
     times = {k.removeprefix("time/"): v for k, v in phase_times().items()}
     times["other"] = max(0.0, total - sum(times.values()))
-    print(f"time: {format_seconds(total)} | " + " | ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})"
+    print(f"time: {format_seconds(total)} (CPU {format_seconds(time.process_time())}) | " + " | ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})"
                                                           for k, v in times.items()), flush=True)
 
 

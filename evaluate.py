@@ -430,7 +430,8 @@ if __name__ == "__main__":
                 common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
             responses = sample(model, enc, prompts, args, device, args.seed)
         with common.phase("scoring"):
-            kl = sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size)
+            kl = (torch.zeros(len(prompts)) if model is baseline else  # log pi - log pi = 0: nothing to compute
+                  sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
             proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size,
                                  args.missing_end_penalty)
         with common.phase("judge"):
