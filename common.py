@@ -361,14 +361,15 @@ def unwrap(model):
 def save_checkpoint(out_dir, model, meta, resume_state=None):
     """Weights of the uncompiled model, then meta.json last: a stage dir with meta.json is complete.
     resume_state (from resume_state()) goes to resume.pt: one file, so a kill never leaves it half old.
-    A final save (meta["final"] not empty) adds the seconds by phase to it (time/<phase>)."""
+    A final save (meta["final"] not empty) adds the seconds by phase, as meta["time"] (time/<phase>:
+    beside "final", not in it: two runs of the same steps have the same final metrics, not the same times)."""
     with phase("io"):
         _save_checkpoint(Path(out_dir), model, meta, resume_state)
 
 
 def _save_checkpoint(out_dir, model, meta, resume_state):
     if meta.get("final"):
-        meta = {**meta, "final": {**meta["final"], **phase_times()}}
+        meta = {**meta, "time": phase_times()}
     if resume_state is not None:
         atomic_torch_save(resume_state, out_dir / "resume.pt")
     atomic_torch_save(unwrap(model).state_dict(), out_dir / "model.pt")
@@ -649,7 +650,7 @@ def injected_fault(counter, n):
 # The phases: sampling (generation), scoring (reward model, reference log-probs, gold judge), train
 # (forward, backward, optimizer), eval (periodic evaluation), io (checkpoints, data). A phase inside
 # another pauses the outer one: each second counts once. metrics.jsonl rows and the final meta.json
-# carry the running totals as time/<phase>; print_phase_times() ends a stage with one line of them.
+# ("time") carry the running totals as time/<phase>; print_phase_times() ends a stage with one line of them.
 
 _PROCESS_START = time.perf_counter()
 _phase_seconds, _phase_stack = {}, []  # seconds by phase; [name, started] of the phases open now
