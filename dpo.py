@@ -201,7 +201,7 @@ if __name__ == "__main__":
         ref_logps = run.state["ref_logps"]
     else:
         # The reference's log-probs, once: pi_ref never changes, so neither do they. Only of the pairs the
-        # --steps batches will use (3,200 of 13,600 at the defaults); NaN for the others, never read.
+        # --steps batches will use (3,200 of 13,611 at the defaults); NaN for the others, never read.
         # (Every rank computes them all: simpler than sharding and gathering, and done once.)
         used = pairs_used(n_train, args.batch_size, args.seed, args.steps)
         with common.phase("scoring"):
