@@ -12,6 +12,7 @@ scoring their log-probs in sampling.py; the measurements (gold, KL, proxy) in ev
 
 import argparse
 import atexit
+import contextlib
 import itertools
 import json
 import math
@@ -148,7 +149,40 @@ def setup_device(requested="auto"):
     else:
         dtype, dwhy = torch.float32, "fp32 on this device"
     print(f"device: {device} ({why}) | dtype: {str(dtype).replace('torch.', '')} ({dwhy})")
+    if device == "cpu":
+        setup_threads()
     return device, dtype
+
+
+def choose_threads(cores, load, requested=None):
+    """(threads, why) for torch on the CPU. OMP_NUM_THREADS (requested) wins. Otherwise the cores the
+    1-minute load average leaves free, at least 1: threads that wait on another job's cores slow a
+    stage several-fold (issue 21 measured 5m46s against 58 s), while one thread only loses 1.3-1.5x."""
+    if requested:
+        return max(1, int(requested)), "OMP_NUM_THREADS"
+    if load is None:
+        return cores, f"{cores} cores"
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    if free < cores:
+        return free, f"{cores} cores, busy: 1-minute load average {load:.1f}"
+    return cores, f"{cores} cores, idle: 1-minute load average {load:.1f}"
+
+
+def setup_threads():
+    """Set torch's CPU threads with choose_threads and say why in one line. pipeline.py measures the load
+    once, before its first stage, and hands the choice to every stage (RLHF_THREADS): the load a stage
+    leaves behind would otherwise look like someone else's job to the next one."""
+    requested = os.environ.get("OMP_NUM_THREADS") or os.environ.get("RLHF_THREADS")
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows: no load average
+        load = None
+    threads, why = choose_threads(torch.get_num_threads() if requested is None else 0, load, requested)
+    if os.environ.get("RLHF_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
+        why = "chosen by pipeline.py"
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} ({why})")
+    return threads
 
 
 def autocast(device, dtype):
@@ -326,8 +360,16 @@ def unwrap(model):
 
 def save_checkpoint(out_dir, model, meta, resume_state=None):
     """Weights of the uncompiled model, then meta.json last: a stage dir with meta.json is complete.
-    resume_state (from resume_state()) goes to resume.pt: one file, so a kill never leaves it half old."""
-    out_dir = Path(out_dir)
+    resume_state (from resume_state()) goes to resume.pt: one file, so a kill never leaves it half old.
+    A final save (meta["final"] not empty) adds the seconds by phase, as meta["time"] (time/<phase>:
+    beside "final", not in it: two runs of the same steps have the same final metrics, not the same times)."""
+    with phase("io"):
+        _save_checkpoint(Path(out_dir), model, meta, resume_state)
+
+
+def _save_checkpoint(out_dir, model, meta, resume_state):
+    if meta.get("final"):
+        meta = {**meta, "time": phase_times()}
     if resume_state is not None:
         atomic_torch_save(resume_state, out_dir / "resume.pt")
     atomic_torch_save(unwrap(model).state_dict(), out_dir / "model.pt")
@@ -363,7 +405,8 @@ def load_state_dict(stage_dir, device="cpu"):
     if not path.exists():
         die(f"{path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with phase("io"):
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or corrupted file
         die(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
@@ -443,6 +486,10 @@ class Run:
         """One line on the terminal and one row in metrics.jsonl (rank 0)."""
         return self.logger.log(step, metrics, show)
 
+    def phase(self, name):
+        """`with run.phase("sampling"):` adds the block's seconds to that phase (common.phase)."""
+        return phase(name)
+
     def resume_state(self, step, **extra):
         """What resume.pt holds: weights, optimizer, every RNG (Python, NumPy, torch, the generators) and
         the step; extra: what else the stage keeps (PPO's value model and kl_coef, ...)."""
@@ -455,7 +502,8 @@ class Run:
         switch, and on Ctrl-C save(step) and exit 130. After the last: DDP shut down, ranks > 0 exit 0."""
         batches = itertools.islice(batches, self.start, None)  # a resumed run: the batches of the steps done
         for step, batch in zip(steps(self.start, self.total, save, self.out, checkpoint_every), batches):
-            yield step, batch
+            with phase("train"):  # the loop body's time: train, unless a phase inside it says otherwise
+                yield step, batch
         cleanup_ddp()
         if not master_process:  # every rank holds the same weights: rank 0 alone evaluates and saves
             atexit.register(exit_now, 0)
@@ -594,6 +642,59 @@ def injected_fault(counter, n):
 
 
 # -----------------------------------------------------------------------------
+# Time by phase: where a stage's seconds go (docs/profile.md is made of these)
+#
+#   with run.phase("sampling"):      # or common.phase(...) in a stage without a Run
+#       responses = sample_responses(...)
+#
+# The phases: sampling (generation), scoring (reward model, reference log-probs, gold judge), train
+# (forward, backward, optimizer), eval (periodic evaluation), io (checkpoints, data). A phase inside
+# another pauses the outer one: each second counts once. metrics.jsonl rows and the final meta.json
+# ("time") carry the running totals as time/<phase>; print_phase_times() ends a stage with one line of them.
+
+_PROCESS_START = time.perf_counter()
+_phase_seconds, _phase_stack = {}, []  # seconds by phase; [name, started] of the phases open now
+
+
+@contextlib.contextmanager
+def phase(name):
+    """Add the seconds of the `with` block to phase `name` (a phase inside it pauses it)."""
+    now = time.perf_counter()
+    if _phase_stack:  # the outer phase pauses while this one runs
+        outer = _phase_stack[-1]
+        _phase_seconds[outer[0]] = _phase_seconds.get(outer[0], 0.0) + now - outer[1]
+    _phase_stack.append([name, now])
+    try:
+        yield
+    finally:
+        now = time.perf_counter()
+        _, started = _phase_stack.pop()
+        _phase_seconds[name] = _phase_seconds.get(name, 0.0) + now - started
+        if _phase_stack:
+            _phase_stack[-1][1] = now  # and resumes
+
+
+def phase_times():
+    """{"time/<phase>": seconds so far} (the phases still open included, up to now)."""
+    seconds, now = dict(_phase_seconds), time.perf_counter()
+    if _phase_stack:
+        name, started = _phase_stack[-1]
+        seconds[name] = seconds.get(name, 0.0) + now - started
+    return {f"time/{k}": round(v, 3) for k, v in seconds.items()}
+
+
+def print_phase_times():
+    """One line: each phase's seconds and share of the time since this process imported common
+    ("other": what no phase covers: imports, setup, the loop's own bookkeeping), and the CPU time of
+    all its threads (on a shared machine it moves less than the wall time: it leaves out the waiting)."""
+    total = time.perf_counter() - _PROCESS_START
+    times = {k.removeprefix("time/"): v for k, v in phase_times().items()}
+    times["other"] = max(0.0, total - sum(times.values()))
+    print(f"time: {format_seconds(total)} (CPU {format_seconds(time.process_time())}) | " + " | ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})"
+                                                          for k, v in times.items()), flush=True)
+
+
+# -----------------------------------------------------------------------------
 # Metrics: one human line per step and the same dict appended to metrics.jsonl
 
 
@@ -635,7 +736,8 @@ class MetricsLogger:
         elapsed = time.time() - self.t0
         done = step - self.start_step
         eta = elapsed / max(done, 1) * (self.total - step)
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time/elapsed_s": round(elapsed, 3)}
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time/elapsed_s": round(elapsed, 3),
+               **phase_times()}
         if not self.enabled:
             return row
         if not self.opened:  # the first row: a fresh run starts a new file, a resumed one appends

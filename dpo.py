@@ -130,6 +130,11 @@ def pair_accuracy(chosen_rewards, rejected_rewards):
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
 
 
+def pairs_used(n, batch_size, seed, steps):
+    """The indices of the pairs that the first `steps` batches hold, in order (each once)."""
+    return sorted({i for ids in itertools.islice(batches(n, batch_size, seed), steps) for i in ids})
+
+
 @torch.no_grad()
 def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
     """(chosen, rejected) log-probs of every pair, (N,) each: the reference's, computed once."""
@@ -197,14 +202,21 @@ if __name__ == "__main__":
             common.die(f"--resume: {out} was trained on {run.state['n_train']} pairs, --data gives {n_train}")
         ref_logps = run.state["ref_logps"]
     else:
-        # The reference's log-probs of every answer, once: pi_ref never changes, so neither do they.
-        # (Every rank computes all of them: simpler than sharding and gathering, and done once.)
-        ref_logps = {"train": all_sequence_logprobs(ref, train_data, pad_id, device, dtype),
-                     "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
-        print(f"reference log-probs of {2 * (n_train + len(val_data)):,} answers computed "
-              f"(mean chosen {ref_logps['train'][0].mean():.2f}, rejected {ref_logps['train'][1].mean():.2f})")
+        # The reference's log-probs, once: pi_ref never changes, so neither do they. Only of the pairs the
+        # --steps batches will use (3,200 of 13,611 at the defaults); NaN for the others, never read.
+        # (Every rank computes them all: simpler than sharding and gathering, and done once.)
+        used = pairs_used(n_train, args.batch_size, args.seed, args.steps)
+        with common.phase("scoring"):
+            chosen, rejected = all_sequence_logprobs(ref, [train_data[i] for i in used], pad_id, device, dtype)
+            ref_logps = {"train": (torch.full((n_train,), float("nan")).index_copy(0, torch.tensor(used), chosen),
+                                   torch.full((n_train,), float("nan")).index_copy(0, torch.tensor(used), rejected)),
+                         "val": all_sequence_logprobs(ref, val_data, pad_id, device, dtype) if val_data else None}
+        print(f"reference log-probs of {2 * (len(used) + len(val_data)):,} answers computed: the {len(used):,} "
+              f"training pairs {args.steps} steps use and the held-out ones "
+              f"(mean chosen {chosen.mean():.2f}, rejected {rejected.mean():.2f})")
 
     @torch.no_grad()
+    @common.phase("eval")
     def evaluate():
         metrics = {}
         if val_data:
@@ -265,3 +277,4 @@ if __name__ == "__main__":
     save(args.steps, final)
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float) and "/" in k))
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

@@ -287,6 +287,7 @@ def best_of_n_kl(proxy, n, texts=None):
     return total / len(proxy)
 
 
+@common.phase("sampling")
 def sample(model, enc, prompts, args, device, seed):
     return sample_responses(model, enc, prompts, device, args.max_new_tokens, temperature=args.temperature,
                                    batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(seed))
@@ -428,9 +429,13 @@ if __name__ == "__main__":
             if model_enc.n_vocab != enc.n_vocab:
                 common.die(f"{path}: its tokenizer has {model_enc.n_vocab} tokens, the baseline's {enc.n_vocab}")
             responses = sample(model, enc, prompts, args, device, args.seed)
-        kl = sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size)
-        proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size, args.missing_end_penalty)
-        results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
+        with common.phase("scoring"):
+            kl = (torch.zeros(len(prompts)) if model is baseline else  # log pi - log pi = 0: nothing to compute
+                  sequence_kl(model, baseline, enc, prompts, responses, device, args.temperature, args.batch_size))
+            proxy = proxy_scores(reward_model, enc, prompts, responses, device, args.batch_size,
+                                 args.missing_end_penalty)
+        with common.phase("judge"):
+            results.append(evaluate_model(name, rows, responses, world, base_gold, kl.mean().item(), proxy))
         gold = results[-1]["gold_reward"]
         print(f"  {name}: " + (f"gold {gold:+.3f} | " if gold is not None else "")
               + f"KL to baseline {kl.mean().item():.2f}")
@@ -439,16 +444,19 @@ if __name__ == "__main__":
         # K answers per prompt from the baseline, in one go: prompt i's samples are rows i*K .. i*K + K - 1
         K = args.best_of
         many = sample(baseline, enc, [p for p in prompts for _ in range(K)], args, device, args.seed + 1)
-        proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
-                             args.batch_size, args.missing_end_penalty).view(len(prompts), K)
+        with common.phase("scoring"):
+            proxy = proxy_scores(reward_model, enc, [p for p in prompts for _ in range(K)], many, device,
+                                 args.batch_size, args.missing_end_penalty).view(len(prompts), K)
         texts = [[r["text"] for r in many[i * K : (i + 1) * K]] for i in range(len(prompts))]
         n = 1
         while n <= K:
-            pick = best_of_n(proxy, n)
-            chosen = [many[i * K + j] for i, j in enumerate(pick.tolist())]
-            results.append(evaluate_model(f"best-of-{n}", rows, chosen, world, base_gold,
-                                          best_of_n_kl(proxy, n, texts), proxy.gather(1, pick[:, None]).squeeze(1)))
-            results[-1]["kl_to_sft_bound"] = best_of_n_kl_bound(n)
+            with common.phase("judge"):
+                pick = best_of_n(proxy, n)
+                chosen = [many[i * K + j] for i, j in enumerate(pick.tolist())]
+                kl = best_of_n_kl(proxy, n, texts)
+                results.append(evaluate_model(f"best-of-{n}", rows, chosen, world, base_gold, kl,
+                                              proxy.gather(1, pick[:, None]).squeeze(1)))
+                results[-1]["kl_to_sft_bound"] = best_of_n_kl_bound(n)
             n *= 2
 
     out = Path(args.out)
@@ -466,3 +474,4 @@ if __name__ == "__main__":
     common.atomic_write_text(out / "results.md", f"{header}\n\n{table}")
     print("\n" + table)
     print(f"wrote {out}/results.json and results.md")
+    common.print_phase_times()

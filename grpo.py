@@ -286,16 +286,19 @@ if __name__ == "__main__":
     show = ["grpo/reward", "grpo/zero_signal_groups", "objective/kl", "response/length_wrong", "eval/pass@1",
             "eval/pass@G"]
     if run.start == 0 and eval_rows:  # step 0: the SFT model, the start of every eval/* curve
-        run.log(0, {"answers": 0, **evaluate()}, show=["eval/pass@1", "eval/pass@G", "eval/length_wrong"])
+        with run.phase("eval"):
+            metrics = evaluate()
+        run.log(0, {"answers": 0, **metrics}, show=["eval/pass@1", "eval/pass@G", "eval/length_wrong"])
     for step, pick in run.steps(prompt_batches(len(rows), args.prompts_per_step, args.seed), save, args.eval_every):
         # 1. G answers to each prompt (a group: consecutive rows), sampled at the temperature
         group_pick = [i for i in pick for _ in range(args.group_size)]
         queries, query_mask = left_pad([prompt_ids[i] for i in group_pick], pad_id, device)  # (B, P)
         P = queries.size(1)
         policy.eval()  # no dropout: the first ratio must be exactly 1
-        with torch.no_grad(), amp():
+        with torch.no_grad(), amp(), run.phase("sampling"):
             responses = policy.generate(queries, query_mask, args.max_new_tokens, temperature=args.temperature,
                                         eos_id=end_id, pad_id=pad_id, generator=sample_generator)  # (B, R)
+        with torch.no_grad(), amp(), run.phase("scoring"):
             responses, mask, ended = truncate_at_end(responses, end_id, pad_id)
             query_responses = torch.cat([queries, responses], dim=1)
             attention_mask = torch.cat([query_mask, mask], dim=1)
@@ -303,9 +306,10 @@ if __name__ == "__main__":
             logprobs, _, _ = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
             ref_logprobs, _, _ = response_logprobs(ref_policy, query_responses, attention_mask, P, args.temperature)
         # 3. the verifier's reward, and 4. the group advantages
-        texts = [decode_response(enc, r) for r in responses.tolist()]
-        rewards = torch.tensor([verify(world, rows[i]["prompt"], t, e) for i, t, e in
-                                zip(group_pick, texts, ended.tolist())], device=device)
+        with run.phase("scoring"):
+            texts = [decode_response(enc, r) for r in responses.tolist()]
+            rewards = torch.tensor([verify(world, rows[i]["prompt"], t, e) for i, t, e in
+                                    zip(group_pick, texts, ended.tolist())], device=device)
         advantages = group_advantages(rewards, args.group_size, scale_std=not args.dr_grpo)
         # 5. --epochs passes of clipped updates over minibatches of answers
         stats = []
@@ -344,7 +348,8 @@ if __name__ == "__main__":
             if keep.any():
                 metrics[f"grpo/reward_{family}"] = rewards[keep].mean().item()
         if eval_rows and (step % args.eval_every == 0 or step == args.steps):
-            metrics.update(evaluate())
+            with run.phase("eval"):
+                metrics.update(evaluate())
         run.log(step, metrics, show=show)
         if step % args.sample_every == 0:
             for j in range(0, min(3 * args.group_size, batch_size), args.group_size):
@@ -358,3 +363,4 @@ if __name__ == "__main__":
         print(f"eval/pass@1 {final['eval/pass@1']:.3f}, pass@{args.eval_group_size} {final['eval/pass@G']:.3f} "
               f"on {len(eval_rows)} validation prompts ({','.join(args.families)})")
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

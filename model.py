@@ -283,6 +283,11 @@ class GPT(nn.Module):
         is finished: the eos is kept and its later tokens are pad_id; generation stops early when
         every row has finished. use_cache=False recomputes the whole sequence at every step (slow;
         kept to check the cache against).
+
+        Finished rows leave the batch (with their keys and values) once they are a quarter of it: most
+        answers end long before the longest, and the model's work is per row. The random numbers are
+        still drawn for all B rows (sample_next_token's rows), so the tokens are exactly those of the
+        whole batch run to the end.
         """
         B, T = idx.size()
         if max_new_tokens < 1:
@@ -294,31 +299,49 @@ class GPT(nn.Module):
             attention_mask = torch.ones_like(idx)
         attention_mask = attention_mask.long()
         kv_cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
-        logits = self(idx, attention_mask, kv_cache=kv_cache)[:, -1, :]  # prefill: (B, V) at the last column
+        # Prefill: (B, V) logits at the last column. Rows with the same prompt (best-of-n, a group of answers)
+        # share its keys and values: computed once and copied (a row's numbers depend on that row alone).
+        unique, inverse = torch.unique(torch.cat([idx, attention_mask], dim=1), dim=0, return_inverse=True)
+        if use_cache and len(unique) < B:
+            logits = self.lm_head(self.hidden_states(unique[:, :T], unique[:, T:], kv_cache=kv_cache)[:, -1])[inverse]
+            kv_cache.k, kv_cache.v = kv_cache.k[:, inverse], kv_cache.v[:, inverse]
+        else:
+            logits = self.lm_head(self.hidden_states(idx, attention_mask, kv_cache=kv_cache)[:, -1])
 
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        rows = torch.arange(B, device=idx.device)  # the rows still in the batch (logits, mask, cache)
         new_tokens = []
         for step in range(max_new_tokens):
-            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_id = torch.full((B,), pad_id, dtype=torch.long, device=idx.device)
+            next_id[rows] = sample_next_token(logits, temperature, top_k, top_p, generator, rows, B)
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, pad_id), next_id)
                 finished |= next_id == eos_id
             new_tokens.append(next_id)
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 break
+            done = finished[rows]  # (b,) the rows of the batch that have finished
+            if use_cache and int(done.sum()) * 4 >= len(rows):  # a quarter finished: they leave the batch
+                keep = (~done).nonzero().squeeze(1)
+                rows, attention_mask = rows[keep], attention_mask[keep]
+                kv_cache.k, kv_cache.v = kv_cache.k[:, keep], kv_cache.v[:, keep]
             # Feed the sampled token back. Tokens after eos stay "real" in the mask: they are never
             # read, and keeping them keeps every row's positions simple.
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_id)[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(rows)[:, None]], dim=1)
             if use_cache:
-                logits = self(next_id[:, None], attention_mask, kv_cache=kv_cache)[:, -1, :]  # (B, V)
+                logits = self(next_id[rows, None], attention_mask, kv_cache=kv_cache)[:, -1, :]  # (b, V)
             else:
                 idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, T + step + 1)
                 logits = self(idx, attention_mask)[:, -1, :]
         return torch.stack(new_tokens, dim=1)  # (B, R)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, rows=None, n_rows=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax).
+
+    rows, n_rows: the logits are those of these rows of a batch of n_rows (generate drops finished
+    rows): the random numbers of all n_rows are drawn and these rows' used, so every row gets the token
+    it would get in the whole batch."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -335,7 +358,12 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    # torch.multinomial(probs, 1) as torch computes it (the exponential race: argmax_v p_v / q_v, q_v ~ Exp(1)),
+    # written out so that the noise can be drawn for the whole batch
+    if rows is None:
+        rows, n_rows = slice(None), probs.size(0)
+    q = probs.new_empty(n_rows, probs.size(1)).exponential_(1, generator=generator)[rows]
+    return (probs / q).argmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------

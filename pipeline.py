@@ -17,6 +17,7 @@ another, each in a fresh process, exactly as you would by hand. A stage that fai
 """
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -106,8 +107,9 @@ RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "grpo",  # t
 KERNELS = {"ppo", "dpo", "grpo", "evaluate", "ppo_rlaif", "dpo_rlaif"}  # the stages with --kernels (where a kernel runs)
 
 
-def write_report(out, times, quick):
-    """out/report.md: the results table, the headline figures of each stage, the curves, the timings."""
+def write_report(out, times, quick, cpu_times=None):
+    """out/report.md: the results table, the headline figures of each stage, the curves, the timings (wall
+    time per stage, and its CPU time, which a shared machine's other jobs move less)."""
     o = Path(out)
     lines = ["# RLHF on the tiny world: results", ""]
     if quick:
@@ -137,8 +139,12 @@ def write_report(out, times, quick):
     plots = sorted((o / "plots").glob("*.png"))
     if plots:
         lines += ["## Learning curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    lines += ["## Wall time per stage", "", "| stage | time |", "|---|---|"]
-    lines += [f"| {name} | {common.format_seconds(t)} |" for name, t in times.items()] + [""]
+    cpu_times = cpu_times or {}
+    cpu = lambda ts: common.format_seconds(sum(ts)) if ts else "—"  # noqa: E731
+    lines += ["## Wall time per stage", "", "| stage | time | CPU time |", "|---|---|---|"]
+    lines += [f"| {name} | {common.format_seconds(t)} | {cpu([cpu_times[name]] if name in cpu_times else [])} |"
+              for name, t in times.items()]
+    lines += [f"| **total** | **{common.format_seconds(sum(times.values()))}** | **{cpu(cpu_times.values())}** |", ""]
     common.atomic_write_text(o / "report.md", "\n".join(lines))
     return results.read_text() if results.exists() else ""
 
@@ -156,7 +162,11 @@ if __name__ == "__main__":
             common.die(f"--only {name}: no such stage (stages: {', '.join(names)})")
     first = names.index(args.start) if args.start else 0
 
-    times = {}
+    # Threads: chosen once, here, for every stage (common.setup_threads): measured before the first stage,
+    # the load average is other jobs', not the stages' own.
+    if not os.environ.get("OMP_NUM_THREADS") and args.device in ("auto", "cpu"):
+        os.environ["RLHF_THREADS"] = str(common.setup_threads())
+    times, cpu_times = {}, {}
     t_start = time.time()
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
@@ -179,9 +189,12 @@ if __name__ == "__main__":
         t0 = time.time()
         # A Ctrl-C reaches the stage too, which saves a checkpoint and exits: wait for it, do not kill it.
         signal.signal(signal.SIGINT, lambda signum, frame: None)
+        cpu0 = os.times()
         result = subprocess.run(cmd)
+        cpu1 = os.times()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         times[name] = time.time() - t0
+        cpu_times[name] = (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)
         again = f"python pipeline.py --from {name}{' --quick' if args.quick else ''}"
         if result.returncode in (130, -signal.SIGINT):
             print(f"\npipeline: interrupted in stage '{name}'; continue with `{again} --resume`", file=sys.stderr)
@@ -191,10 +204,11 @@ if __name__ == "__main__":
                   f"`{again}`", file=sys.stderr)
             sys.exit(result.returncode)
 
-    table = write_report(args.out, times, args.quick)
+    table = write_report(args.out, times, args.quick, cpu_times)
     print("\n" + table)
-    print("=== done in " + common.format_seconds(time.time() - t_start))
+    print("=== done in " + common.format_seconds(time.time() - t_start)
+          + f" (CPU time {common.format_seconds(sum(cpu_times.values()))})")
     for name, seconds in times.items():
-        print(f"  {name:10s} {common.format_seconds(seconds):>7s}")
+        print(f"  {name:10s} {common.format_seconds(seconds):>7s}  (CPU {common.format_seconds(cpu_times[name])})")
     print(f"checkpoints and metrics: {args.out}/<stage>/ (model.pt, meta.json, metrics.jsonl)")
     print(f"plots: {args.out}/plots/*.png | results: {args.out}/eval/results.md | report: {args.out}/report.md")

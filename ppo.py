@@ -309,10 +309,11 @@ def rollout(policy, ref_policy, value_model, reward_model, queries, query_mask, 
     P = queries.size(1)
     for m in (policy, ref_policy, value_model):
         m.eval()  # no dropout: these log-probs and values must be the ones ppo_update recomputes
-    with amp():
+    with amp(), common.phase("sampling"):
         # 1. sample responses (KV cache) at the temperature; tokens after <|end|> come back as pad
         responses = policy.generate(queries, query_mask, args.max_new_tokens, temperature=args.temperature,
                                     eos_id=end_id, pad_id=pad_id, generator=generator)  # (B, R)
+    with amp(), common.phase("scoring"):
         # 2. truncate at the end token; mask = real response tokens, end token included
         responses, mask, ended = truncate_at_end(responses, end_id, pad_id)
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P + R)
@@ -473,7 +474,9 @@ if __name__ == "__main__":
     show = ["objective/score", "objective/kl"] + ["objective/kl_coef"] * args.adaptive_kl + [
         "ppo/clipfrac", "value/explained_variance", "response/length", "eval/gold_reward"]
     if run.start == 0 and eval_rows and common.master_process:  # step 0: the SFT model, the start of every eval/* curve
-        run.log(0, {"episodes": 0, **evaluate()}, show=["eval/gold_reward", "eval/proxy_score"])
+        with run.phase("eval"):
+            metrics = evaluate()
+        run.log(0, {"episodes": 0, **metrics}, show=["eval/gold_reward", "eval/proxy_score"])
     for step, pick in run.steps(prompt_batches(len(rows), args.batch_size, args.seed), save, args.eval_every):
         pick = common.micro_batches(pick)[0]  # this rank's share of the prompts (all of them in one process)
         queries, query_mask = left_pad([prompt_ids[i] for i in pick], pad_id, device)  # (B, P), left-padded
@@ -495,7 +498,8 @@ if __name__ == "__main__":
                                                                        across_ranks=True),
                         "objective/kl_coef": kl_coef, "episodes": step * args.batch_size})
         if common.master_process and eval_rows and (step % args.eval_every == 0 or step == args.steps):
-            metrics.update(evaluate())
+            with run.phase("eval"):
+                metrics.update(evaluate())
         run.log(step, metrics, show=show)
         if args.adaptive_kl:  # the global KL and the global batch: every rank computes the same kl_coef
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.target_kl, args.batch_size,
@@ -514,3 +518,4 @@ if __name__ == "__main__":
         print(f"eval/gold_reward {final['eval/gold_reward']:.3f} ± {final['eval/gold_reward_se']:.3f} "
               f"on {len(eval_rows)} held-out prompts")
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

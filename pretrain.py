@@ -184,26 +184,31 @@ if __name__ == "__main__":
         metrics = {"train/loss": common.all_reduce_mean({"loss": train_loss})["loss"], "train/lr": lr,
                    "train/grad_norm": grad_norm.item(), "tokens": step * tokens_per_step}
         if common.master_process and (step % args.eval_every == 0 or step == args.steps):
-            val_loss = estimate_loss(model, val_data, args, device, dtype, torch.Generator().manual_seed(val_generator_seed))
-            metrics["val/loss"] = val_loss
-            if world is not None:
-                metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
-                model.train()
+            with common.phase("eval"):
+                val_loss = estimate_loss(model, val_data, args, device, dtype,
+                                         torch.Generator().manual_seed(val_generator_seed))
+                metrics["val/loss"] = val_loss
+                if world is not None:
+                    metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
+                    model.train()
         run.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
         if common.master_process and step % args.eval_every == 0 and step < args.steps:
             model.eval()
-            prompt = "The " + (world.entities[0] + "'s colour is" if world else "")
-            idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
-            sample = model.generate(idx, torch.ones_like(idx), 16, temperature=0.8, eos_id=enc.eot_token,
-                                    pad_id=enc.eot_token, generator=torch.Generator(device).manual_seed(step))
-            print(f"  sample: {prompt}{enc.decode([t for t in sample[0].tolist() if t != enc.eot_token])!r}")
+            with common.phase("eval"):
+                prompt = "The " + (world.entities[0] + "'s colour is" if world else "")
+                idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
+                sample = model.generate(idx, torch.ones_like(idx), 16, temperature=0.8, eos_id=enc.eot_token,
+                                        pad_id=enc.eot_token, generator=torch.Generator(device).manual_seed(step))
+                print(f"  sample: {prompt}{enc.decode([t for t in sample[0].tolist() if t != enc.eot_token])!r}")
             model.train()
 
     # -- final evaluation and save: rank 0 alone (every rank holds the same weights) --
     final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
     if world is not None:
-        final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
-        print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "
-              f"(greedy completion of {len(world.fact_prompts())} facts)")
+        with common.phase("eval"):
+            final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
+            print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "
+                  f"(greedy completion of {len(world.fact_prompts())} facts)")
     save(args.steps, final)
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

@@ -81,7 +81,9 @@ g.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0)
 g.add_argument("--grad-clip", type=common.positive_float, default=1.0)
 g = parser.add_argument_group("evaluation")
 g.add_argument("--val-fraction", type=common.fraction, default=0.1, help="share of prompts whose pairs are held out")
-g.add_argument("--eval-every", type=common.positive_int, default=100, help="held-out loss and accuracies every N steps")
+g.add_argument("--eval-every", type=common.positive_int, default=200,
+               help="held-out loss and accuracies, and a checkpoint, every N steps (an evaluation of the 1,614 "
+                    "held-out pairs costs about as much as 17 training steps)")
 g = parser.add_argument_group("normalisation (after training)")
 g.add_argument("--norm-samples", type=common.nonnegative_int, default=1024,
                help="fresh SFT answers to train prompts that set the gain and bias: they score mean 0, std 1 (0: none)")
@@ -292,9 +294,11 @@ def normalise(model, sft, enc, prompts, n, max_new_tokens, seed, device, penalty
     """
     rng = random.Random(seed)
     picked = [rng.choice(prompts) for _ in range(n)]
-    answers = sample_responses(sft, enc, picked, device, max_new_tokens, temperature=1.0,
-                               generator=torch.Generator(device).manual_seed(seed))
-    scores = proxy_scores(model, enc, picked, answers, device, missing_end_penalty=None)  # (n,) raw scores
+    with common.phase("sampling"):
+        answers = sample_responses(sft, enc, picked, device, max_new_tokens, temperature=1.0,
+                                   generator=torch.Generator(device).manual_seed(seed))
+    with common.phase("scoring"):
+        scores = proxy_scores(model, enc, picked, answers, device, missing_end_penalty=None)  # (n,) raw scores
     ended = torch.tensor([a["ended"] for a in answers])
     gain, bias, how = gain_and_bias(scores, ended, penalty)
     model.head.weight.mul_(gain)
@@ -385,7 +389,8 @@ if __name__ == "__main__":
                    "pairs": step * args.batch_size}
         if common.master_process and (step % args.eval_every == 0 or step == args.steps):
             with common.autocast(device, dtype):
-                metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
+                with common.phase("eval"):
+                    metrics.update(evaluate(model, val_pairs, 2 * args.batch_size, pad_id, device))
         run.log(step, metrics, show=["reward/loss", "reward/accuracy", "val/acc_label", "reward/acc_gold", "train/lr"])
 
     # -- normalise: fresh SFT answers to train prompts score mean 0, std 1 (rank 0 alone from here) -----------
@@ -414,3 +419,4 @@ if __name__ == "__main__":
               f"(labellers: {final['reward/label_acc_gold']:.3f}), {final['val/acc_label']:.3f} against the labels "
               f"| reward-gold correlation {final['reward/gold_corr']:.3f}")
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

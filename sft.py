@@ -258,25 +258,28 @@ if __name__ == "__main__":
         metrics = {"train/loss": common.all_reduce_mean({"loss": train_loss})["loss"], "train/lr": lr,
                    "train/grad_norm": grad_norm.item(), "samples": step * args.batch_size}
         if common.master_process and (step % args.eval_every == 0 or step == args.steps):
-            metrics["val/loss"] = val_loss(model, val_examples, args.batch_size, pad_id, device, dtype)
-            if eval_prompts:  # a subset during training, every held-out prompt at the last step
-                judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_prompts]
-                summary, samples = gold_eval(model, enc, world, judged, args, device, args.seed + 2)
-                metrics.update(summary)
+            with common.phase("eval"):
+                metrics["val/loss"] = val_loss(model, val_examples, args.batch_size, pad_id, device, dtype)
+                if eval_prompts:  # a subset during training, every held-out prompt at the last step
+                    judged = eval_prompts if step == args.steps else eval_prompts[: args.eval_prompts]
+                    summary, samples = gold_eval(model, enc, world, judged, args, device, args.seed + 2)
+                    metrics.update(summary)
         run.log(step, metrics, show=["train/loss", "val/loss", "eval/gold_reward", "train/lr"])
         if common.master_process and step % args.eval_every == 0 and step < args.steps:
-            sample_prompts = [p["prompt"] for p in eval_prompts[:3]] or val_prompts[:3]
-            gen = torch.Generator(device).manual_seed(step)
-            for p, s in zip(sample_prompts, sample_responses(model, enc, sample_prompts, device, args.max_new_tokens,
-                                                             args.temperature, generator=gen)):
-                print(f"  sample: {p!r} -> {s['text']!r}")
+            with common.phase("eval"):
+                sample_prompts = [p["prompt"] for p in eval_prompts[:3]] or val_prompts[:3]
+                gen = torch.Generator(device).manual_seed(step)
+                for p, s in zip(sample_prompts, sample_responses(model, enc, sample_prompts, device, args.max_new_tokens,
+                                                                 args.temperature, generator=gen)):
+                    print(f"  sample: {p!r} -> {s['text']!r}")
 
     # -- final evaluation: pretrained vs SFT vs ideal, on every held-out prompt (rank 0 alone) --
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "samples")}
     if eval_prompts:
-        pretrained, _, _ = common.load_policy(args.init, device, expect_stage="pretrain")
-        pre_summary, pre_samples = gold_eval(pretrained, enc, world, eval_prompts, args, device, args.seed + 2)
-        ideal_summary = gold_summary(world, eval_prompts, [world.ideal_response(p["prompt"]) for p in eval_prompts])
+        with common.phase("eval"):
+            pretrained, _, _ = common.load_policy(args.init, device, expect_stage="pretrain")
+            pre_summary, pre_samples = gold_eval(pretrained, enc, world, eval_prompts, args, device, args.seed + 2)
+            ideal_summary = gold_summary(world, eval_prompts, [world.ideal_response(p["prompt"]) for p in eval_prompts])
         for name, s in (("pretrain", pre_summary), ("ideal", ideal_summary)):
             final[f"eval/gold_reward_{name}"] = s["eval/gold_reward"]
             final[f"eval/gold_reward_{name}_se"] = s["eval/gold_reward_se"]
@@ -294,3 +297,4 @@ if __name__ == "__main__":
                   f"    ideal:      {world.ideal_response(p['prompt'])!r}")
     save(args.steps, final)
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
+    common.print_phase_times()

@@ -95,3 +95,46 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(common.BadInput, match="cannot read the checkpoint"):
         common.load_state_dict(tmp_path)
+
+
+def test_phase_times_accumulate_and_an_inner_phase_pauses_the_outer(monkeypatch, tmp_path):
+    clock = [100.0]  # a fake clock: the seconds are exact
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(common, "_phase_seconds", {})
+    monkeypatch.setattr(common, "_phase_stack", [])
+    with common.phase("train"):
+        clock[0] += 2
+        with common.phase("eval"):  # 3 s of eval, not of train
+            clock[0] += 3
+        clock[0] += 1
+        assert common.phase_times() == {"time/train": 3.0, "time/eval": 3.0}  # an open phase counts up to now
+    with common.phase("eval"):
+        clock[0] += 0.5
+    assert common.phase_times() == {"time/train": 3.0, "time/eval": 3.5}
+    # the running totals go into every metrics row, and into the final meta.json (beside "final")
+    row = common.MetricsLogger(tmp_path / "metrics.jsonl", 10).log(1, {"train/loss": 1.0})
+    assert row["time/train"] == 3.0 and row["time/eval"] == 3.5
+    common.save_checkpoint(tmp_path, torch.nn.Linear(1, 1), {"stage": "x", "final": {"loss": 1.0}})
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["final"] == {"loss": 1.0} and meta["time"] == {"time/train": 3.0, "time/eval": 3.5, "time/io": 0.0}
+
+
+def test_threads_one_when_the_load_average_says_busy(monkeypatch, capsys):
+    assert common.choose_threads(2, 0.2)[0] == 2  # idle
+    assert common.choose_threads(2, 1.0)[0] == 1  # another job on one core
+    assert common.choose_threads(2, 6.0)[0] == 1  # never fewer than 1
+    assert common.choose_threads(16, 3.2)[0] == 13
+    assert common.choose_threads(2, None)[0] == 2  # no load average (Windows)
+    assert common.choose_threads(2, 6.0, requested="2") == (2, "OMP_NUM_THREADS")  # the user's choice wins
+    # setup_threads with a faked load average: one thread, said in one line
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RLHF_THREADS", raising=False)
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.5, 0.9, 0.8))
+    monkeypatch.setattr(common.torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(common.torch, "set_num_threads", chosen.append)
+    assert common.setup_threads() == 1 and chosen == [1]
+    assert capsys.readouterr().out == "threads: 1 (2 cores, busy: 1-minute load average 1.5)\n"
+    monkeypatch.setenv("RLHF_THREADS", "2")  # pipeline.py's choice, made before its first stage
+    assert common.setup_threads() == 2 and chosen == [1, 2]
+    assert capsys.readouterr().out == "threads: 2 (chosen by pipeline.py)\n"

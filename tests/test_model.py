@@ -136,6 +136,40 @@ def test_cached_generation_equals_uncached():
     assert a.tolist() == b.tolist()
 
 
+def test_finished_rows_leave_the_batch_and_change_no_token():
+    """generate drops finished rows from its batch (and draws torch.multinomial's noise itself, for the
+    whole batch), and prefills a repeated prompt once: its tokens must be those of a plain loop that
+    runs every row to the end with torch.multinomial and no cache."""
+    model = make_model(vocab_size=12)  # a small vocabulary: some rows end early, others late
+    prompts = random_prompts([3, 7, 1, 12, 6, 2, 9, 5], vocab_size=12)
+    idx, mask = left_pad(prompts + prompts[:3] + prompts[:1], PAD)  # repeats, as best-of-n samples them
+    eos, pad, n = 3, PAD, 30
+
+    def reference(seed):
+        g, x, m = torch.Generator().manual_seed(seed), idx.clone(), mask.clone()
+        finished, out = torch.zeros(len(x), dtype=torch.bool), []
+        for _ in range(n):
+            probs = F.softmax(model(x, m)[:, -1, :].float() / 0.9, dim=-1)
+            t = torch.multinomial(probs, 1, generator=g).squeeze(-1)
+            t = torch.where(finished, torch.full_like(t, pad), t)
+            finished |= t == eos
+            out.append(t)
+            if finished.all():
+                break
+            x, m = torch.cat([x, t[:, None]], 1), torch.cat([m, torch.ones_like(t)[:, None]], 1)
+        return torch.stack(out, 1).tolist()
+
+    dropped = 0
+    for seed in range(5):
+        expected = reference(seed)
+        lengths = [row.index(eos) + 1 if eos in row else len(row) for row in expected]
+        dropped += sorted(lengths)[1] < max(lengths)  # two rows finished while another still ran: a compaction
+        out = model.generate(idx, mask, n, temperature=0.9, eos_id=eos, pad_id=pad,
+                             generator=torch.Generator().manual_seed(seed))
+        assert out.tolist() == expected
+    assert dropped >= 3
+
+
 def test_sampling_is_reproducible_and_varies():
     model = make_model()
     idx, mask = left_pad(random_prompts([4, 6]), PAD)

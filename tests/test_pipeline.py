@@ -88,3 +88,12 @@ def test_an_unknown_stage_is_one_clear_line(tmp_path):
     result = run_pipeline(tmp_path / "run", "--from", "nonsense")
     assert result.returncode == 2 and "--from nonsense: no such stage" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_report_keeps_each_stage_time_and_the_total(tmp_path):
+    import pipeline
+
+    pipeline.write_report(tmp_path, {"pretrain": 78.2, "sft": 33.0}, False, {"pretrain": 150.0, "sft": 60.0})
+    text = (tmp_path / "report.md").read_text()
+    assert "| pretrain | 1m18s | 2m30s |" in text and "| sft | 33s | 1m00s |" in text
+    assert "| **total** | **1m51s** | **3m30s** |" in text
