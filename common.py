@@ -155,28 +155,44 @@ def setup_device(requested="auto"):
 
 
 def choose_threads(cores, load, requested=None):
-    """(threads, why) for torch on the CPU. OMP_NUM_THREADS (requested) wins. Otherwise the cores the
-    1-minute load average leaves free, at least 1: threads that wait on another job's cores slow a
-    stage several-fold (issue 21 measured 5m46s against 58 s), while one thread only loses 1.3-1.5x."""
+    """(threads, why) for torch on the CPU. OMP_NUM_THREADS (requested) wins. Otherwise the cores that
+    other jobs leave free (load: the cores they use now), at least 1: threads that wait on another
+    job's cores slow a stage several-fold (issue 21 measured 5m46s against 58 s), while one thread
+    only loses 1.3-1.5x. A different thread count rounds floats differently: the same seed then gives
+    another (equally good) run, not the same numbers."""
     if requested:
         return max(1, int(requested)), "OMP_NUM_THREADS"
     if load is None:
         return cores, f"{cores} cores"
     free = max(1, min(cores, int(cores - load + 0.5)))
     if free < cores:
-        return free, f"{cores} cores, busy: 1-minute load average {load:.1f}"
-    return cores, f"{cores} cores, idle: 1-minute load average {load:.1f}"
+        return free, f"{cores} cores, busy: other jobs use {load:.1f} of them"
+    return cores, f"{cores} cores, idle: other jobs use {load:.1f}"
+
+
+def busy_cores(seconds=0.3):
+    """The cores in use by other processes now: the share of non-idle CPU time in /proc/stat over a short
+    wait (this process sleeps through it) times the cores. Not the load average: it trails a job that
+    ended by minutes. Elsewhere the 1-minute load average; None where there is neither."""
+    def idle_total():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
+    try:
+        (idle0, total0), _, (idle1, total1) = idle_total(), time.sleep(seconds), idle_total()
+        return (1 - (idle1 - idle0) / max(1, total1 - total0)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows: no load average
+            return None
 
 
 def setup_threads():
-    """Set torch's CPU threads with choose_threads and say why in one line. pipeline.py measures the load
-    once, before its first stage, and hands the choice to every stage (RLHF_THREADS): the load a stage
-    leaves behind would otherwise look like someone else's job to the next one."""
+    """Set torch's CPU threads with choose_threads and say why in one line. pipeline.py measures once,
+    before its first stage, and hands the choice to every stage (RLHF_THREADS), so that every stage of
+    a run uses the same count."""
     requested = os.environ.get("OMP_NUM_THREADS") or os.environ.get("RLHF_THREADS")
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows: no load average
-        load = None
+    load = None if requested else busy_cores()
     threads, why = choose_threads(torch.get_num_threads() if requested is None else 0, load, requested)
     if os.environ.get("RLHF_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
         why = "chosen by pipeline.py"

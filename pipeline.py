@@ -163,7 +163,7 @@ if __name__ == "__main__":
     first = names.index(args.start) if args.start else 0
 
     # Threads: chosen once, here, for every stage (common.setup_threads): measured before the first stage,
-    # the load average is other jobs', not the stages' own.
+    # the CPU time in use is other jobs', not the stages' own.
     if not os.environ.get("OMP_NUM_THREADS") and args.device in ("auto", "cpu"):
         os.environ["RLHF_THREADS"] = str(common.setup_threads())
     times, cpu_times = {}, {}

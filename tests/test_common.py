@@ -119,22 +119,38 @@ def test_phase_times_accumulate_and_an_inner_phase_pauses_the_outer(monkeypatch,
     assert meta["final"] == {"loss": 1.0} and meta["time"] == {"time/train": 3.0, "time/eval": 3.5, "time/io": 0.0}
 
 
-def test_threads_one_when_the_load_average_says_busy(monkeypatch, capsys):
+def test_threads_one_when_other_jobs_are_busy(monkeypatch, capsys):
     assert common.choose_threads(2, 0.2)[0] == 2  # idle
     assert common.choose_threads(2, 1.0)[0] == 1  # another job on one core
     assert common.choose_threads(2, 6.0)[0] == 1  # never fewer than 1
     assert common.choose_threads(16, 3.2)[0] == 13
     assert common.choose_threads(2, None)[0] == 2  # no load average (Windows)
     assert common.choose_threads(2, 6.0, requested="2") == (2, "OMP_NUM_THREADS")  # the user's choice wins
-    # setup_threads with a faked load average: one thread, said in one line
+    # setup_threads with a faked load: one thread, said in one line
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("RLHF_THREADS", raising=False)
-    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.5, 0.9, 0.8))
+    monkeypatch.setattr(common, "busy_cores", lambda: 1.5)
     monkeypatch.setattr(common.torch, "get_num_threads", lambda: 2)
     chosen = []
     monkeypatch.setattr(common.torch, "set_num_threads", chosen.append)
     assert common.setup_threads() == 1 and chosen == [1]
-    assert capsys.readouterr().out == "threads: 1 (2 cores, busy: 1-minute load average 1.5)\n"
+    assert capsys.readouterr().out == "threads: 1 (2 cores, busy: other jobs use 1.5 of them)\n"
     monkeypatch.setenv("RLHF_THREADS", "2")  # pipeline.py's choice, made before its first stage
     assert common.setup_threads() == 2 and chosen == [1, 2]
     assert capsys.readouterr().out == "threads: 2 (chosen by pipeline.py)\n"
+
+
+
+def test_busy_cores_is_the_non_idle_share_of_proc_stat(monkeypatch):
+    stats = iter(["cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 ...", "cpu  200 0 200 900 0 0 0 0 0 0\ncpu0 ..."])
+
+    class FakePath:
+        def __init__(self, path):
+            assert path == "/proc/stat"
+
+        def read_text(self):
+            return next(stats)
+    monkeypatch.setattr(common, "Path", FakePath)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    # 300 ticks passed, 100 of them idle: two thirds of 2 cores busy
+    assert common.busy_cores(seconds=0) == pytest.approx(2 * (1 - 100 / 300))
