@@ -205,14 +205,20 @@ def answers(model, enc, prompts, args, device):
 
 
 @torch.no_grad()
-def evaluate_point(args, device, world, rows, sft_answers, reward_dir, policy_dirs, biases, probes):
+def evaluate_point(args, device, world, rows, sft_answers, reward_dir, policy_dirs, biases, probes, done=None):
     """One point's figures: each model's test-set summary (evaluate.gold_summary, proxy under this point's
-    reward model, KL to SFT) with its per-answer words and proxy scores, and the RM probes."""
+    reward model, KL to SFT) with its per-answer words and proxy scores, and the RM probes. done: the
+    figures of an earlier call with the same reward model, kept for the models it measured."""
     reward_model, enc, _ = common.load_scalar_model(reward_dir, device)
     sft, _, _ = common.load_policy(args.init, device)
     prompts = [r["prompt"] for r in rows]
-    out = {"rm": rm_probes(reward_model, enc, world, probes, device, biases), "models": {}}
+    out = {"rm": done["rm"], "models": {}} if done else \
+        {"rm": rm_probes(reward_model, enc, world, probes, device, biases), "models": {}}
     for name, path in [("sft", None), *policy_dirs.items()]:
+        if done and name in done["models"] and done["dirs"].get(name) == path:
+            out["models"][name] = done["models"][name]
+            continue
+        print(f"    {name}: {path or args.init}", flush=True)
         model = sft if path is None else common.load_policy(path, device, flag=name)[0]
         responses = sft_answers if path is None else answers(model, enc, prompts, args, device)
         proxy = proxy_scores(reward_model, enc, prompts, responses, device)
@@ -424,15 +430,19 @@ if __name__ == "__main__":
         common.atomic_torch_save(sft_answers, sft_path)
 
     def measured(d, reward, dirs, biases):
-        """The point's evaluation, cached in <point>/eval.pt for the same runs and test prompts."""
+        """The point's evaluation, cached in <point>/eval.pt: a model measured earlier with the same reward
+        model and test prompts is not measured again."""
         path, key = d / "eval.pt", {"reward": reward, "dirs": dirs, "biases": biases, "rows": len(rows)}
+        done = None
         if path.exists():
             cached = torch.load(path, weights_only=False)
             if cached["key"] == key:
                 return cached["result"]
-        print(f"--- evaluating {d.name}: {', '.join(['sft', *dirs])} on {len(rows)} test prompts", flush=True)
+            if all(cached["key"][k] == key[k] for k in ("reward", "biases", "rows")):
+                done = {**cached["result"], "dirs": {"sft": None, **cached["key"]["dirs"]}}
+        print(f"--- evaluating {d.name} on {len(rows)} test prompts", flush=True)
         result = {"biases": biases, "reward": reward, "dirs": dirs,
-                  **evaluate_point(args, device, world, rows, sft_answers, reward, dirs, biases, probes)}
+                  **evaluate_point(args, device, world, rows, sft_answers, reward, dirs, biases, probes, done)}
         common.atomic_torch_save({"key": key, "result": result}, path)
         return result
 
