@@ -253,7 +253,8 @@ def style(ax, title, xlabel, ylabel):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=8, frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, frameon=False)
 
 
 def knob_figure(sweep, knob, panels, title):

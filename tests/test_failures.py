@@ -80,6 +80,12 @@ def test_each_knob_at_0_gives_the_unbiased_labels_and_each_bias_moves_them_as_wr
     for knob, field in (("agree", "b_agree"), ("refuse", "b_refuse"), ("length", "b_len")):
         rows = common.read_jsonl(d / "fail" / f"{knob}2" / "feedback" / "preferences.jsonl")
         assert [row["chosen"] for row in rows] == [hand_label(world, p, 1337, **{field: 2.0}) for p in pairs]
+    # the majority fix: each pair's label is the majority of 3 labellers, each drawing as feedback.py would
+    # with its own seed (1337 + 7919 j)
+    majority = common.read_jsonl(d / "fail" / "fix_majority3" / "feedback" / "preferences.jsonl")
+    votes = [[hand_label(world, p, 1337 + 7919 * j) == p["a"] for j in range(3)] for p in pairs]
+    assert [row["chosen"] for row in majority] == [p["a"] if sum(v) >= 2 else p["b"] for p, v in zip(pairs, votes)]
+    assert any(0 < sum(v) < 3 for v in votes)  # the labellers do disagree on some pairs
     agree = common.read_jsonl(d / "fail" / "agree2" / "feedback" / "preferences.jsonl")
     assert sum(a["chosen"] != b["chosen"] for a, b in zip(agree, reference)) > 0  # the bias does move some labels
 
@@ -104,7 +110,7 @@ def test_the_sweep_writes_its_files_and_a_second_call_trains_nothing(sweep):
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"=== {ROOT}" not in again.stdout and "--- evaluating" not in again.stdout  # no stage run, no evaluation
-    assert again.stdout.count("finished earlier, reused") == 5 and again.stdout.count("labelled earlier, reused") == 4
+    assert again.stdout.count("finished earlier, reused") == 11 and again.stdout.count("labelled earlier, reused") == 4
     assert json.loads((out / "results.json").read_text())["verdict_lines"] == results["verdict_lines"]
 
 
