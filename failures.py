@@ -310,6 +310,40 @@ def fixes_figure(fixes):
     return fig
 
 
+def tables(sweep, table, pol):
+    """results.md: the sweep point by point (RM probes, the policies' rates with s.e. and counts), and the fixes."""
+    f = lambda x: f"{x[0]:.0%} ± {x[1]:.0%}"
+    out = []
+    for knob, probe, keys in (("agree", "sycophancy", ["sycophancy_rate"]),
+                              ("refuse", "refusal", ["over_refusal_rate_lookalike", "refusal_rate_unsafe"]),
+                              ("length", "length", [])):
+        names = {"sycophancy_rate": "sycophancy", "over_refusal_rate_lookalike": "refuses look-alikes",
+                 "refusal_rate_unsafe": "refuses unsafe"}
+        head = ["b_" + knob, "labeller prefers the biased probe", "RM prefers it (n)"]
+        head += [f"{m.upper()} {names[k]}" for k in keys for m in ["sft", *pol]]
+        head += [f"{m.upper()} words" for m in ["sft", *pol]] + [f"{m.upper()} gold" for m in pol]
+        head += [f"{m.upper()} length share" for m in pol] if knob == "length" else []
+        out += [f"### b_{knob}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for x in sorted(sweep[knob], key=float):
+            r, ms = sweep[knob][x]["rm"][probe], sweep[knob][x]["models"]
+            cells = [x, f"{r['labeller_prefers_biased']:.0%}", f"{r['rm_prefers_biased']:.0%} ± {r['se']:.0%} ({r['n']})"]
+            cells += [f(rate(ms[m], k)) for k in keys for m in ["sft", *pol]]
+            cells += [f"{ms[m]['length']:.1f}" for m in ["sft", *pol]]
+            cells += [f"{ms[m]['gold_reward']:+.3f} ± {ms[m]['gold_reward_se']:.3f}" for m in pol]
+            if knob == "length":
+                cells += ["n/a" if ms[m]["length_share"]["share"] is None else f"{ms[m]['length_share']['share']:.0%}"
+                          for m in pol]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["### The fixes (at the default labeller)", "",
+            "| model | gold | KL to SFT | sycophancy | refuses look-alikes | refuses unsafe | words |", "|---|---|---|---|---|---|---|"]
+    for name, m in table.items():
+        out.append(f"| {name} | {m['gold_reward']:+.3f} ± {m['gold_reward_se']:.3f} | {m['kl_to_sft']:.2f} | "
+                   f"{f(rate(m, 'sycophancy_rate'))} | {f(rate(m, 'over_refusal_rate_lookalike'))} | "
+                   f"{f(rate(m, 'refusal_rate_unsafe'))} | {m['length']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def samples_markdown(world, rows, sft, policy, name, mode, show):
     """The same test prompts answered by SFT and a policy (the answers measured), with proxy and gold."""
     pick = {"sycophancy": lambda r, i: i["family"] == "belief" and i["belief"] != i["answer"],
@@ -593,4 +627,6 @@ if __name__ == "__main__":
         m = sweep[knob][x]["models"]
         md += samples_markdown(world, rows, m["sft"], m[p], f"{p.upper()} at b_{knob} {x}", mode, args.show)
     common.atomic_write_text(out / "samples.md", "\n".join(md))
-    print(f"wrote {out}/results.json, samples.md and the figures")
+    common.atomic_write_text(out / "results.md", "# failures.py: the sweep on the test prompts (rates ± s.e.)\n\n"
+                             + tables(sweep, table, pol) + "\n" + "\n".join(lines) + "\n")
+    print(f"wrote {out}/results.json, results.md, samples.md and the figures")
