@@ -319,14 +319,14 @@ def tables(sweep, table, pol):
                               ("length", "length", [])):
         names = {"sycophancy_rate": "sycophancy", "over_refusal_rate_lookalike": "refuses look-alikes",
                  "refusal_rate_unsafe": "refuses unsafe"}
-        head = ["b_" + knob, "labeller prefers the biased probe", "RM prefers it (n)"]
+        head = ["b_" + knob, "RM acc vs gold", "labeller prefers the biased probe", "RM prefers it (n)"]
         head += [f"{m.upper()} {names[k]}" for k in keys for m in ["sft", *pol]]
         head += [f"{m.upper()} words" for m in ["sft", *pol]] + [f"{m.upper()} gold" for m in pol]
         head += [f"{m.upper()} length share" for m in pol] if knob == "length" else []
         out += [f"### b_{knob}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for x in sorted(sweep[knob], key=float):
             r, ms = sweep[knob][x]["rm"][probe], sweep[knob][x]["models"]
-            cells = [x, f"{r['labeller_prefers_biased']:.0%}", f"{r['rm_prefers_biased']:.0%} ± {r['se']:.0%} ({r['n']})"]
+            cells = [x, f"{sweep[knob][x]['rm_acc_gold']:.3f}", f"{r['labeller_prefers_biased']:.0%}", f"{r['rm_prefers_biased']:.0%} ± {r['se']:.0%} ({r['n']})"]
             cells += [f(rate(ms[m], k)) for k in keys for m in ["sft", *pol]]
             cells += [f"{ms[m]['length']:.1f}" for m in ["sft", *pol]]
             cells += [f"{ms[m]['gold_reward']:+.3f} ± {ms[m]['gold_reward_se']:.3f}" for m in pol]
@@ -468,18 +468,18 @@ if __name__ == "__main__":
         """The point's evaluation, cached in <point>/eval.pt: a model measured earlier with the same reward
         model and test prompts is not measured again."""
         path, key = d / "eval.pt", {"reward": reward, "dirs": dirs, "biases": biases, "rows": len(rows)}
-        done = None
+        done, acc = None, {"rm_acc_gold": read_json(Path(reward) / "meta.json")["final"].get("reward/acc_gold")}
         if path.exists():
             cached = torch.load(path, weights_only=False)
             if cached["key"] == key:
-                return cached["result"]
+                return {**cached["result"], **acc}
             if all(cached["key"][k] == key[k] for k in ("reward", "biases", "rows")):
                 done = {**cached["result"], "dirs": {"sft": None, **cached["key"]["dirs"]}}
         print(f"--- evaluating {d.name} on {len(rows)} test prompts", flush=True)
         result = {"biases": biases, "reward": reward, "dirs": dirs,
                   **evaluate_point(args, device, world, rows, sft_answers, reward, dirs, biases, probes, done)}
         common.atomic_torch_save({"key": key, "result": result}, path)
-        return result
+        return {**result, **acc}
 
     # -- the sweep: every knob, the others held at --base; the base point shared -----------------
     points = {}
