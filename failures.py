@@ -510,7 +510,7 @@ if __name__ == "__main__":
     if "kl" in fixes:
         d = out / f"fix_kl{args.fix_kl_coef:g}"
         _, dirs = models(d, None, results["default"]["reward"], ["--kl-coef", str(args.fix_kl_coef)])
-        fix_results[f"PPO, kl_coef {args.fix_kl_coef:g}"] = measured(d, results["default"]["reward"], dirs, base)
+        fix_results[f"kl_coef {args.fix_kl_coef:g}"] = measured(d, results["default"]["reward"], dirs, base)
     if "majority" in fixes:
         d = out / f"fix_majority{args.majority}"
         prefs = d / "feedback" / "preferences.jsonl"
