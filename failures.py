@@ -268,6 +268,8 @@ def knob_figure(sweep, knob, panels, title):
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=f"C{i}",
                             marker="o", markersize=4, capsize=3, linewidth=1.4, label=label)
+        if ylabel.startswith("share ") and ylabel != "share":  # rates: the whole 0..1 range, to compare by eye
+            ax.set_ylim(-0.02, 1.02)
         style(ax, ptitle, f"labeller bias b_{knob} (logits{' per 10 words' if knob == 'length' else ''})", ylabel)
     fig.suptitle(title, fontsize=11)
     return fig
