@@ -21,7 +21,7 @@ For each knob, this script sweeps its strength holding the other two at --base, 
    prompt at temperature 1 and the same seed), and probes the reward model with hand-written pairs
    (rm_probes): a wrong belief agreed with against the truthful answer (Sharma et al. 2023, arXiv
    2310.13548: a production preference model preferred the sycophantic answer 95 % of the time against
-   baseline truthful ones), a harmless look-alike refused against its right answer, the ideal answer
+   baseline truthful ones), a harmless request (look-alikes among them) refused against its right answer, the ideal answer
    padded with two filler sentences against the plain one.
 
 Every stage run is an ordinary run of that stage, so plot.py plots it; a finished run is reused, an
@@ -140,7 +140,7 @@ def labeller_prob(world, prompt, a, b, tau, biases):
 def probe_pairs(world, rows, n, seed):
     """Hand-written (prompt, biased answer, better answer) pairs on test prompts, by failure mode:
     sycophancy  "Yes, <the wrong belief>."  vs  the truthful correction     (belief prompts, wrong belief)
-    refusal     the refusal                  vs  the look-alike's how-to     (harmless look-alikes)
+    refusal     the refusal                  vs  the right answer            (every harmless prompt, look-alikes too)
     length      the ideal answer + 2 fillers vs  the ideal answer            (every family)
     Every answer ends with the courtesy phrase, as the ideal one does. The test rows first, then more test
     prompts drawn from the world (world.sample_prompt), each prompt once."""
@@ -153,7 +153,7 @@ def probe_pairs(world, rows, n, seed):
         if info["family"] == "belief" and info["belief"] != info["answer"]:
             agree = "Yes, " + STATEMENTS[info["attr"]].format(e=info["entity"], v=info["belief"]) + "."
             out["sycophancy"].append((p, f"{agree} {COURTESY}", ideal))
-        if info["family"] == "lookalike":
+        if info["family"] != "unsafe":
             out["refusal"].append((p, f"{REFUSAL} {COURTESY}", ideal))
         if info["family"] != "unsafe" and len(out["length"]) < n:
             out["length"].append((p, f"{world.answer_sentence(p)} {FILLERS[0]} {FILLERS[4]} {COURTESY}", ideal))
@@ -205,15 +205,14 @@ def answers(model, enc, prompts, args, device):
 
 
 @torch.no_grad()
-def evaluate_point(args, device, world, rows, sft_answers, reward_dir, policy_dirs, biases, probes, done=None):
+def evaluate_point(args, device, world, rows, sft_answers, reward_dir, policy_dirs, done=None):
     """One point's figures: each model's test-set summary (evaluate.gold_summary, proxy under this point's
-    reward model, KL to SFT) with its per-answer words and proxy scores, and the RM probes. done: the
+    reward model, KL to SFT) with its per-answer words and proxy scores. done: the
     figures of an earlier call with the same reward model, kept for the models it measured."""
     reward_model, enc, _ = common.load_scalar_model(reward_dir, device)
     sft, _, _ = common.load_policy(args.init, device)
     prompts = [r["prompt"] for r in rows]
-    out = {"rm": done["rm"], "models": {}} if done else \
-        {"rm": rm_probes(reward_model, enc, world, probes, device, biases), "models": {}}
+    out = {"models": {}}
     for name, path in [("sft", None), *policy_dirs.items()]:
         if done and name in done["models"] and done["dirs"].get(name) == path:
             out["models"][name] = done["models"][name]
@@ -474,14 +473,19 @@ if __name__ == "__main__":
         if path.exists():
             cached = torch.load(path, weights_only=False)
             if cached["key"] == key:
-                return {**cached["result"], **acc}
+                return {**cached["result"], **acc, "rm": probe_rm(reward, biases)}
             if all(cached["key"][k] == key[k] for k in ("reward", "biases", "rows")):
                 done = {**cached["result"], "dirs": {"sft": None, **cached["key"]["dirs"]}}
         print(f"--- evaluating {d.name} on {len(rows)} test prompts", flush=True)
         result = {"biases": biases, "reward": reward, "dirs": dirs,
-                  **evaluate_point(args, device, world, rows, sft_answers, reward, dirs, biases, probes, done)}
+                  **evaluate_point(args, device, world, rows, sft_answers, reward, dirs, done)}
         common.atomic_torch_save({"key": key, "result": result}, path)
-        return {**result, **acc}
+        return {**result, **acc, "rm": probe_rm(reward, biases)}
+
+    def probe_rm(reward, biases):
+        """The reward-model probes (seconds: not cached, so a changed probe set never reads stale numbers)."""
+        reward_model, enc, _ = common.load_scalar_model(reward, device)
+        return rm_probes(reward_model, enc, world, probes, device, biases)
 
     # -- the sweep: every knob, the others held at --base; the base point shared -----------------
     points = {}
@@ -544,7 +548,7 @@ if __name__ == "__main__":
         over_sft = {p: diff(rate(hi["models"][p], key), sft) for p in pol}
         amplified = [p for p in pol if over_sft[p][0] > 3 * over_sft[p][1]]
         caused = [p for p in pol if moved[p][0] > 3 * moved[p][1]]
-        what = "agreeing with a wrong belief over the truth" if knob == "agree" else "refusing a harmless look-alike"
+        what = "agreeing with a wrong belief over the truth" if knob == "agree" else "refusing a harmless request"
         line = (f"{mode}: the RM prefers {what} in " + ", ".join(f"{r['rm_prefers_biased']:.0%}" for _, r in rm)
                 + f" of {rm[0][1]['n']} pairs at b_{knob} " + ", ".join(values) + "; "
                 + "; ".join(f"{p.upper()} {pct(rate(lo['models'][p], key))} -> {pct(rate(hi['models'][p], key))}"
@@ -600,7 +604,7 @@ if __name__ == "__main__":
         "Sycophancy: the labellers' taste for agreement, through the reward model, into the policy"),
         out / "failures_sycophancy.png")
     fig = knob_figure(sweep, "refuse", [
-        ("Labels and reward model: a harmless look-alike\nrefused against its right answer", "share of pairs", rm_line("refusal")),
+        ("Labels and reward model: a harmless request\nrefused against its right answer", "share of pairs", rm_line("refusal")),
         ("Refuses harmless look-alikes (test)", "share refused", curves("over_refusal_rate_lookalike")),
         ("Refuses unsafe requests (test)", "share refused", curves("refusal_rate_unsafe"))],
         "Over-refusal: the labellers' taste for refusals, through the reward model, into the policy")
