@@ -87,6 +87,8 @@ g.add_argument("--base", type=numbers(math.isfinite, "must be three numbers: agr
                default=",".join(str(LABELLER_BIASES[k]) for k in KNOBS.values()),
                help="agree,refuse,length held while another knob moves (world.LABELLER_BIASES)")
 g.add_argument("--policies", default="ppo,dpo", help="which policies to train at every point: ppo, dpo or both")
+g.add_argument("--only-finished", action="store_true",
+               help="train nothing: measure the runs already finished, and list the ones left out")
 g.add_argument("--fixes", default="rlaif,kl,majority", help="which fixes to measure (empty: none)")
 g.add_argument("--fix-kl-coef", type=common.positive_float, default=1.0, help="the stronger leash (ppo.py's: 0.3)")
 g.add_argument("--majority", type=common.positive_int, default=5, help="simulated labellers per pair (odd)")
@@ -328,12 +330,12 @@ def tables(sweep, table, pol):
         for x in sorted(sweep[knob], key=float):
             r, ms = sweep[knob][x]["rm"][probe], sweep[knob][x]["models"]
             cells = [x, f"{sweep[knob][x]['rm_acc_gold']:.3f}", f"{r['labeller_prefers_biased']:.0%}", f"{r['rm_prefers_biased']:.0%} ± {r['se']:.0%} ({r['n']})"]
-            cells += [f(rate(ms[m], k)) for k in keys for m in ["sft", *pol]]
-            cells += [f"{ms[m]['length']:.1f}" for m in ["sft", *pol]]
-            cells += [f"{ms[m]['gold_reward']:+.3f} ± {ms[m]['gold_reward_se']:.3f}" for m in pol]
+            cells += [f(rate(ms[m], k)) if m in ms else "–" for k in keys for m in ["sft", *pol]]
+            cells += [f"{ms[m]['length']:.1f}" if m in ms else "–" for m in ["sft", *pol]]
+            cells += [f"{ms[m]['gold_reward']:+.3f} ± {ms[m]['gold_reward_se']:.3f}" if m in ms else "–" for m in pol]
             if knob == "length":
-                cells += ["n/a" if ms[m]["length_share"]["share"] is None else f"{ms[m]['length_share']['share']:.0%}"
-                          for m in pol]
+                cells += ["–" if m not in ms else "n/a" if ms[m]["length_share"]["share"] is None
+                          else f"{ms[m]['length_share']['share']:.0%}" for m in pol]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     out += ["### The fixes (at the default labeller)", "",
@@ -422,6 +424,10 @@ if __name__ == "__main__":
         """One ordinary stage run: reused when finished, resumed when interrupted."""
         if finished(run_dir):
             print(f"=== {run_dir}: finished earlier, reused")
+        elif args.only_finished:
+            print(f"=== {run_dir}: not finished, left out (--only-finished)")
+            missing.append(str(run_dir))
+            return None
         else:
             kernels = ["--kernels", args.kernels] if script != "reward.py" else []  # reward.py runs no kernel
             run(script, run_dir, [*extra, *kernels], resume=(run_dir / "resume.pt").exists())
@@ -455,8 +461,11 @@ if __name__ == "__main__":
         if "dpo" in policies and not ppo_extra:
             dirs["dpo"] = train("dpo.py", d / "dpo", ["--init", args.init, "--data", str(prefs),
                                                       "--eval-data", args.eval_data, *shlex.split(args.dpo_args)])
-        return reward, dirs
+        if reward is None:
+            common.die(f"{d}: no finished reward model, and --only-finished trains none")
+        return reward, {p: r for p, r in dirs.items() if r is not None}
 
+    missing = []
     sft_path = out / "sft_answers.pt"
     if sft_path.exists():
         sft_answers = torch.load(sft_path, weights_only=False)
@@ -505,6 +514,8 @@ if __name__ == "__main__":
         if name == "default" and reused_reference:  # the same labels: the reference run's models are this point's
             print(f"=== {ref}/reward, " + ", ".join(f"{ref}/{p}" for p in policies) + ": the reference run's, reused")
             reward, dirs = str(ref / "reward"), {p: str(ref / p) for p in policies}
+        elif name == "default" and args.only_finished and finished(ref / "reward"):  # partly reused
+            reward, dirs = str(ref / "reward"), {p: str(ref / p) for p in policies if finished(ref / p)}
         else:
             reward, dirs = models(d, prefs)
         results[name] = measured(d, reward, dirs, biases)
@@ -541,6 +552,7 @@ if __name__ == "__main__":
                             ("over-refusal", "refuse", "over_refusal_rate_lookalike")):
         values = sorted(sweep[knob], key=float)
         lo, hi = sweep[knob][values[0]], sweep[knob][values[-1]]
+        pol = [p for p in ("ppo", "dpo") if p in lo["models"] and p in hi["models"]]
         probe = "sycophancy" if knob == "agree" else "refusal"
         rm = [(x, sweep[knob][x]["rm"][probe]) for x in values]
         sft = rate(hi["models"]["sft"], key)
@@ -564,6 +576,7 @@ if __name__ == "__main__":
         lines.append(line)
     values = sorted(sweep["length"], key=float)
     lo, hi = sweep["length"][values[0]], sweep["length"][values[-1]]
+    pol = [p for p in ("ppo", "dpo") if p in lo["models"] and p in hi["models"]]
     words = lambda m: (sum(m["words"]) / len(m["words"]), (sum((w - sum(m["words"]) / len(m["words"])) ** 2
                        for w in m["words"]) / (len(m["words"]) - 1) / len(m["words"])) ** 0.5)
     moved = {p: diff(words(hi["models"][p]), words(lo["models"][p])) for p in pol}
@@ -579,23 +592,27 @@ if __name__ == "__main__":
            if caused else "no rise in length > 3 s.e."))
     verdicts["length"] = {"moved": moved, "caused": caused, "share": share}
     print("\n" + "\n".join(lines))
+    pol = [p for p in ("ppo", "dpo") if p in policies]
+    has = lambda r, p: p in r["models"]
 
     # -- results, figures, samples ---------------------------------------------------------------
     table = {"SFT": results["default"]["models"]["sft"]}
-    table.update({f"{p.upper()}, default labeller": results["default"]["models"][p] for p in pol})
+    table.update({f"{p.upper()}, default labeller": results["default"]["models"][p] for p in pol
+                  if has(results["default"], p)})
     for name, r in fix_results.items():
         table.update({f"{p.upper()}, {name}": m for p, m in r["models"].items() if p != "sft"})
     for knob in ("agree", "refuse"):
         x = f"{0:g}"
         if x in sweep[knob]:
             table.update({f"{p.upper()}, b_{knob} 0 (bias removed from the labels)": sweep[knob][x]["models"][p]
-                          for p in pol})
+                          for p in pol if has(sweep[knob][x], p)})
     slim = lambda r: {**{k: v for k, v in r.items() if k != "models"}, "models": {m: strip(v) for m, v in r["models"].items()}}
     common.atomic_write_json(out / "results.json", {
         "sweep": {k: {x: slim(r) for x, r in v.items()} for k, v in sweep.items()}, "fixes": {k: slim(r) for k, r in fix_results.items()},
         "table": {k: strip(m) for k, m in table.items()}, "verdicts": verdicts, "verdict_lines": lines,
-        "reused_reference": reused_reference, "args": vars(args)})
-    curves = lambda key: [(p.upper(), lambda r, p=p: rate(r["models"][p], key)[:2]) for p in ["sft", *pol]]
+        "reused_reference": reused_reference, "left_out": missing, "args": vars(args)})
+    curves = lambda key: [(p.upper(), lambda r, p=p: rate(r["models"][p], key)[:2] if has(r, p) else None)
+                          for p in ["sft", *pol]]
     rm_line = lambda probe: [("reward model prefers it", lambda r: (r["rm"][probe]["rm_prefers_biased"], r["rm"][probe]["se"])),
                              ("labeller's P(prefers it)", lambda r: (r["rm"][probe]["labeller_prefers_biased"], 0.0))]
     save_figure(knob_figure(sweep, "agree", [
@@ -613,15 +630,16 @@ if __name__ == "__main__":
     save_figure(knob_figure(sweep, "length", [
         ("Labels and reward model: the ideal answer padded\nwith two fillers against the plain one", "share of pairs",
          rm_line("length")),
-        ("Words per answer (test)", "words", [(p.upper(), lambda r, p=p: words(r["models"][p])) for p in ["sft", *pol]]),
+        ("Words per answer (test)", "words", [(p.upper(), lambda r, p=p: words(r["models"][p]) if has(r, p) else None)
+                                       for p in ["sft", *pol]]),
         ("Share of the proxy gain over SFT\nthat length explains (Singhal et al.)", "share",
-         [(p.upper(), lambda r, p=p: None if r["models"][p]["length_share"]["share"] is None
+         [(p.upper(), lambda r, p=p: None if not has(r, p) or r["models"][p]["length_share"]["share"] is None
            else (r["models"][p]["length_share"]["share"], 0.0)) for p in pol])],
         "Length: the labellers' taste for longer answers, through the reward model, into the policy"),
         out / "failures_length.png")
     if fix_results:
         save_figure(fixes_figure(table), out / "failures_fixes.png")
-    most = lambda knob, key: max(((x, p) for x in sweep[knob] for p in pol),
+    most = lambda knob, key: max(((x, p) for x in sweep[knob] for p in pol if has(sweep[knob][x], p)),
                                  key=lambda xp: sweep[knob][xp[0]]["models"][xp[1]][key])
     md = ["# What the policies say, beside SFT", "",
           "Test prompts answered by the SFT model and by the most affected policy of each sweep (the answers measured: "
@@ -635,4 +653,6 @@ if __name__ == "__main__":
     common.atomic_write_text(out / "samples.md", "\n".join(md))
     common.atomic_write_text(out / "results.md", "# failures.py: the sweep on the test prompts (rates ± s.e.)\n\n"
                              + tables(sweep, table, pol) + "\n" + "\n".join(lines) + "\n")
+    if missing:
+        print("left out (not finished; --only-finished): " + ", ".join(missing))
     print(f"wrote {out}/results.json, results.md, samples.md and the figures")
