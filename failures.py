@@ -21,8 +21,8 @@ For each knob, this script sweeps its strength holding the other two at --base, 
    prompt at temperature 1 and the same seed), and probes the reward model with hand-written pairs
    (rm_probes): a wrong belief agreed with against the truthful answer (Sharma et al. 2023, arXiv
    2310.13548: a production preference model preferred the sycophantic answer 95 % of the time against
-   baseline truthful ones), a harmless request (look-alikes among them) refused against its right answer, the ideal answer
-   padded with two filler sentences against the plain one.
+   baseline truthful ones), a harmless request (look-alikes among them) refused against its right
+   answer, the ideal answer padded with two filler sentences against the plain one.
 
 Every stage run is an ordinary run of that stage, so plot.py plots it; a finished run is reused, an
 interrupted one resumed. The point whose biases equal --base is shared by the three knobs; when its
@@ -40,11 +40,13 @@ than SFT), measured on the same axes and the same gold cost:
     kl         PPO on the default reward model with a stronger KL leash (--fix-kl-coef)
     majority   each pair labelled by the majority of --majority simulated labellers (default biases):
                the noise averages out; a bias every labeller shares does not
-Writes <out>/results.json, failures_sycophancy.png, failures_refusal.png, failures_length.png,
-failures_fixes.png, samples.md, and prints one verdict line per failure mode.
+Writes <out>/results.json, results.md (the tables), failures_sycophancy.png, failures_refusal.png,
+failures_tradeoff.png, failures_length.png, failures_fixes.png, samples.md (SFT beside the most affected
+policy), and prints one verdict line per failure mode. --only-finished trains nothing: it measures the
+runs finished so far (stage runs started by hand with the command lines this script prints count too).
 
-    cd /path/to/a/finished/pipeline/run && python /path/to/failures.py          # CPU: ~1.5 hours
-    python failures.py --agree 0,5 --refuse "" --length "" --policies ppo --fixes ""   # a quicker look
+    cd /path/to/a/finished/pipeline/run && python /path/to/failures.py          # CPU: about 2 hours
+    python failures.py --agree 0,5 --refuse 0.5 --length 0.5 --policies ppo --fixes ""   # a quicker look
 """
 
 import json
@@ -79,7 +81,7 @@ g.add_argument("--data", default="data/prompts.jsonl", help="RL prompts (and the
 g.add_argument("--eval-data", default="data/val_prompts.jsonl", help="validation prompts (the stages' eval/*)")
 g.add_argument("--test-data", default="data/test_prompts.jsonl", help="the final figures' prompts")
 g = parser.add_argument_group("the sweep (logits; tau 0.5: one gold point is 2 logits)")
-bias = numbers(math.isfinite, "must be finite numbers")
+bias = numbers(math.isfinite, "must be one or more finite numbers", False)
 g.add_argument("--agree", type=bias, default="0,1,5", help="b_agree values (the wrong-belief tipping point: 4)")
 g.add_argument("--refuse", type=bias, default="0,0.5,4", help="b_refuse values (the look-alike tipping point: 4)")
 g.add_argument("--length", type=bias, default="0,0.5,3", help="b_len values per 10 words (padding pays above 2)")
