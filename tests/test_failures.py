@@ -124,3 +124,12 @@ def test_length_share_is_the_regression_slope_times_the_change_in_words_over_the
     assert s["slope_per_word"] == pytest.approx(0.2) and s["proxy_gain"] == pytest.approx(1.0)
     assert s["share"] == pytest.approx(0.2)
     assert length_share({"words": [1, 2], "proxy": [0, 1]}, {"words": [1, 2], "proxy": [0, 1]})["share"] is None
+
+
+def test_bad_flags_stop_with_one_clear_line(tmp_path):
+    base = [sys.executable, str(ROOT / "failures.py"), "--out", str(tmp_path / "out")]
+    for extra, message in ((["--policies", "ppo,sft"], "--policies"), (["--majority", "4"], "--majority must be odd"),
+                           (["--base", "1,2"], "--base must be three numbers"), (["--agree", "0,x"], "--agree")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
