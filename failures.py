@@ -301,7 +301,7 @@ def tradeoff_figure(sweep):
 
 def fixes_figure(fixes):
     """Each failure measure against the gold score, one marker per method: the fixes side by side."""
-    fig = Figure(figsize=(15, 4.4), dpi=110, layout="constrained")
+    fig = Figure(figsize=(17, 4.4), dpi=110, layout="constrained")
     keys = [("sycophancy_rate", "sycophancy (wrong beliefs agreed with)"),
             ("over_refusal_rate_lookalike", "refuses harmless look-alikes"), ("length", "words per answer")]
     for k, (key, label) in enumerate(keys):
@@ -311,6 +311,9 @@ def fixes_figure(fixes):
             ax.errorbar([x], [m["gold_reward"]], xerr=[xse], yerr=[m["gold_reward_se"]], color=f"C{i}", marker="o",
                         capsize=3, label=name)
         style(ax, label, label, "gold score per answer (test)")
+        if ax.get_legend():
+            ax.get_legend().remove()
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))  # one legend, beside
     fig.suptitle("The fixes at the default labeller: each failure against the gold score (±1 s.e.)", fontsize=11)
     return fig
 
