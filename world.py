@@ -576,7 +576,8 @@ class World:
 
         Bradley-Terry on the gold scores, plus the biases real labellers have (LABELLER_BIASES says
         what each stands for): agreeing with the user's stated belief, refusing, and length. With
-        the biases 0 (the defaults) it is the unbiased labeller, and draws the same labels.
+        the biases 0 (this function's defaults; feedback.py's are LABELLER_BIASES) it is the unbiased
+        labeller, and draws the same labels.
         """
         logit = (self.gold_score(prompt, a) - self.gold_score(prompt, b)) / tau
         if b_agree or b_refuse or b_len:
