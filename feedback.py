@@ -374,6 +374,7 @@ if __name__ == "__main__":
     # counter "label": labels done in all sessions; Ctrl-C saves and exits (a human's is read by input() as "q")
     labels = common.steps(len(done), len(pairs), save, out, counter="label", ctrl_c=not human)
     t_labels, n = time.time(), 0
+    save_every = args.save_every or (500 if args.labeler == "ai" else 5000)
     for n, (_, pair) in enumerate(zip(labels, todo), 1):
         with common.phase("labelling"):
             choice = ask(pair)
@@ -386,8 +387,7 @@ if __name__ == "__main__":
                                     ai=ai_labels[pair["pair_id"]] if ai_labels is not None else None))
         if args.labeler == "ai" and n % args.label_batch_size == 0:
             print(f"labelled {n} of {len(todo)} pairs ({time.time() - t_labels:.0f}s)", flush=True)
-        # a human's answer is never lost; simulated ones are cheap to redo
-        if human or n % (args.save_every or (500 if args.labeler == "ai" else 5000)) == 0:
+        if human or n % save_every == 0:  # a human's answer is never lost; simulated ones are cheap to redo
             save()
     labels.close()  # (the loop may stop before the labels do: q, or --steps)
 

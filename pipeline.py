@@ -140,11 +140,11 @@ def write_report(out, times, quick, cpu_times=None):
     if plots:
         lines += ["## Learning curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     cpu_times = cpu_times or {}
-    cpu = lambda ts: common.format_seconds(sum(ts)) if ts else "—"  # noqa: E731
+    cpu_total = common.format_seconds(sum(cpu_times.values())) if cpu_times else "—"
     lines += ["## Wall time per stage", "", "| stage | time | CPU time |", "|---|---|---|"]
-    lines += [f"| {name} | {common.format_seconds(t)} | {cpu([cpu_times[name]] if name in cpu_times else [])} |"
-              for name, t in times.items()]
-    lines += [f"| **total** | **{common.format_seconds(sum(times.values()))}** | **{cpu(cpu_times.values())}** |", ""]
+    lines += [f"| {name} | {common.format_seconds(t)} | "
+              f"{common.format_seconds(cpu_times[name]) if name in cpu_times else '—'} |" for name, t in times.items()]
+    lines += [f"| **total** | **{common.format_seconds(sum(times.values()))}** | **{cpu_total}** |", ""]
     common.atomic_write_text(o / "report.md", "\n".join(lines))
     return results.read_text() if results.exists() else ""
 
