@@ -104,7 +104,7 @@ def relocate(command, run, data):
 
 
 def value(run, path, key):
-    p = Path(run) / path
+    p = (ROOT / run) / path
     if not p.exists():
         return "missing"
     if p.name == "metrics.jsonl":
@@ -126,8 +126,9 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated lessons")
     parser.add_argument("--quick", action="store_true", help="every command at a few-second size (numbers mean nothing)")
     args = parser.parse_args()
-    run = args.run.rstrip("/")
-    data = args.data or (f"{run}/data" if (Path(run) / "data").is_dir() else "data")
+    here = lambda p: str(Path(p).resolve()) if Path(p).resolve() != (ROOT / p).resolve() else p.rstrip("/")  # noqa: E731
+    run = here(args.run)  # the commands run in the repository; paths given from elsewhere are made absolute
+    data = here(args.data or (f"{args.run}/data" if (Path(args.run) / "data").is_dir() else "data"))
     chosen = args.only.split(",") if args.only else None
     todo = [lesson for lesson in lessons() if chosen is None or lesson[0] in chosen]
     if chosen and len(todo) != len(chosen):
@@ -152,7 +153,7 @@ def main():
     for name, title, _ in todo:
         numbers[name] = {label: value(run, path, key) for label, path, key in REPORT.get(name, [])}
         print(f"{name} ({times[name]:.0f}s): " + "; ".join(f"{k} {v}" for k, v in numbers[name].items()))
-    out = Path(run) / "course" / "numbers.json"
+    out = ROOT / run / "course" / "numbers.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "seconds": times, "numbers": numbers}, indent=1) + "\n")
 
