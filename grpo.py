@@ -28,7 +28,7 @@ R1-Zero-Like Training: A Critical Perspective", Dr. GRPO) question:
 - answer   (GRPO): mean over each answer's tokens, then mean over answers: (1/n) sum_i (1/|y_i|) sum_t
            loss_it. A long wrong answer pays less per token than a short one, so wrong answers are
            pushed longer (and right ones shorter): the length bias Liu et al. describe (on this
-           world it did not show; the README's GRPO section has the measurement).
+           world it did not show; docs/grpo.md has the measurement).
 - token    (DAPO, Yu et al. 2025): one mean over every token of the batch: sum_it loss_it / sum_i |y_i|.
 - constant (Dr. GRPO): sum_it loss_it / (n * max_new_tokens), a normaliser that depends on no answer.
 All three run through policy_loss's masked mean: 'answer' passes each token the weight 1/|y_i| as its

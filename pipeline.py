@@ -1,6 +1,6 @@
 """The main job: every stage of RLHF in order on the built-in tiny world, then the evaluation.
 
-    python pipeline.py                 # the whole thing on a laptop CPU (see the README for timings)
+    python pipeline.py                 # the whole thing on a laptop CPU (timings: docs/timings.md)
     python pipeline.py --quick         # every stage at a few-second size: checks the plumbing
     python pipeline.py --out runs/a    # a whole run somewhere else, to compare runs side by side
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
@@ -10,7 +10,7 @@
 The RLAIF chain (after DPO) trains the AI labeller (rlaif.py) from the pretrained model, has it label
 every 5th pair of the human chain's (the same SFT samples, no new sampling) against constitution.md,
 one principle drawn per comparison, and trains reward_ai, ppo_rlaif and dpo_rlaif on its labels as
-the human chain does (reward and DPO shorter); the evaluation gets their rows. The README gives its cost.
+the human chain does (reward and DPO shorter); the evaluation gets their rows. docs/rlaif.md gives its cost.
 
 Each stage is its own script (read them in this order); this file only calls them one after
 another, each in a fresh process, exactly as you would by hand. A stage that fails stops the job.
@@ -58,7 +58,7 @@ def stages(out, data, rlaif=True, constitution="constitution.md"):
         ("feedback_ai", "feedback.py", ["--labeler", "ai", "--pairs", o / "feedback" / "pairs.jsonl", "--pairs-every", 5,
                                         "--constitution", constitution, "--labeller-model", o / "rlaif_labeller",
                                         "--data", d / "prompts.jsonl", "--out", o / "feedback_ai"], True, ["--steps", 40], []),
-        # shorter than the human chain's stages (the chain's cost: the README), on a fifth of the pairs
+        # shorter than the human chain's stages (the chain's cost: docs/rlaif.md), on a fifth of the pairs
         ("reward_ai", "reward.py", ["--init", o / "sft", "--data", o / "feedback_ai" / "preferences.jsonl", "--steps", 200,
                                     "--norm-data", d / "prompts.jsonl", "--out", o / "reward_ai"], True,
          quick_reward, ["--lr", 3e-5]),

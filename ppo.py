@@ -114,7 +114,7 @@ g.add_argument("--missing-end-penalty", type=penalty_value, default=MISSING_END_
                help="score of a response that never emits <|end|> ('none': keep the reward model's score)")
 g = parser.add_argument_group("KL penalty")
 # 0.3, above the usual 0.05-0.2: a short leash for a reward model this easy to fool. Chosen on the
-# validation prompts (hacking.py --kl-coefs 0,0.1,0.3, README's reward-hacking section): at 0.1 the gold
+# validation prompts (hacking.py --kl-coefs 0,0.1,0.3, docs/hacking.md): at 0.1 the gold
 # score peaks by step 20 and then falls; at 0.3 it reaches its level by step 20 and holds it to step
 # 120, hence 30 steps (the same curve as 60, in half the time).
 g.add_argument("--kl-coef", type=common.nonnegative_float, default=0.3,

@@ -60,7 +60,7 @@ says so (measure it).
 The labeller's context is longer than the policy's (--block-size 256: a principle alone is about 60
 tokens of this corpus's BPE); the position embeddings past the pretrained 128 start as copies of the
 last one and are learned here. The default training is short (120 steps, about a minute on one CPU
-thread): the README shows what longer training buys (little).
+thread): docs/rlaif.md shows what longer training buys (little).
 
     python rlaif.py                                            # the labeller: out/rlaif_labeller
     python feedback.py --labeler ai --constitution constitution.md --labeller-model out/rlaif_labeller \\

@@ -121,7 +121,7 @@ def test_pretrain_under_torchrun_matches_one_process(chain, tmp_path, monkeypatc
     args = ["--data", tmp / "data" / "pretrain.txt", "--tokenizer", tmp / "tok", "--steps", 6, "--n-layer", 1,
             "--n-head", 2, "--n-embd", 32, "--block-size", 64, "--batch-size", 8, "--eval-every", 3,
             "--eval-batches", 1, "--device", "cpu"]
-    # The command of the README, as a user types it.
+    # The command of docs/ddp.md, as a user types it.
     r = torchrun("pretrain.py", *args, "--out", tmp_path / "ddp")
     run_here(monkeypatch, "pretrain.py", *args, "--out", tmp_path / "accum", "--grad-accum", 2)
     run_here(monkeypatch, "pretrain.py", *args, "--out", tmp_path / "one")
