@@ -55,7 +55,7 @@ resets it); a constant learning rate; plain temperature sampling (what the log-p
 G answers per prompt, the group-normalised outcome reward, the clipped surrogate, the k3 KL term in
 the loss, no critic.
 
-    python grpo.py                                 # CPU, the tiny world: arith and list, 80 steps, about 1m40s
+    python grpo.py                                 # CPU, the tiny world: arith and list, 160 steps, about 2 minutes
     python grpo.py --dr-grpo --out out/grpo_dr     # Dr. GRPO: no std division, constant normaliser
     python grpo.py --families arith,list,fact --steps 200
     python grpo.py --device cuda --prompts-per-step 64 --group-size 16       # one GPU (the fused loss)
@@ -73,7 +73,7 @@ from model import left_pad
 from ppo import policy_loss, prompt_batches, truncate_at_end
 from sampling import encode_prompts, response_logprobs, sample_responses
 from tokenizer import decode_response, special_id
-from world import ATTRIBUTES, LIST_WORDS, load_world
+from world import ATTRIBUTES, LIST_WORDS, RESTATED_SUM, load_world
 
 VERIFIABLE = ("arith", "list", "fact")  # the families verify() can check
 
@@ -91,7 +91,7 @@ def family_list(text):
 
 family_list.__name__ = f"comma-separated list of {', '.join(VERIFIABLE)}"
 parser = common.ArgumentParser(description="GRPO on verifiable rewards (no reward model, no critic)")
-common.add_common_args(parser, "grpo", init="out/sft", data="data/prompts.jsonl", steps=80, kernels=True)
+common.add_common_args(parser, "grpo", init="out/sft", data="data/prompts.jsonl", steps=160, kernels=True)
 g = parser.add_argument_group("rollout")
 g.add_argument("--families", type=family_list, default=["arith", "list"],
                help="the verifiable families trained and evaluated on (arith, list, fact)")
@@ -148,7 +148,7 @@ def verify(world, prompt, response, ended):
     truth = info["answer"]
     if info["family"] == "arith":
         a, b = info["entity"]
-        if {tuple(map(int, p)) for p in re.findall(r"(\d+) plus (\d+)", response.lower())} - {(a, b), (b, a)}:
+        if {tuple(map(int, p)) for p in re.findall(RESTATED_SUM, response.lower())} - {(a, b), (b, a)}:
             return 0.0  # it restates another sum than the one asked ("4 plus 8 is 9." to 4 plus 5)
         found = stated(response, lambda c: set(re.findall(r"\d+", c)))
     elif info["family"] == "list":

@@ -3,7 +3,8 @@
 This is where the model's knowledge comes from: which creature is which colour, what 3 plus 4 is,
 how sentences end. Later stages only teach it how to *use* that knowledge as an assistant. We check
 that it was learned with `eval/fact_accuracy`: the greedy completion of "The <creature>'s colour is"
-(and home, and food) must name the right value.
+(and home, and food) must name the right value; and `eval/sum_accuracy`: "7 plus 8 is" -> "15", all
+81 sums (the verifiable rewards of grpo.py can only draw out sums the model already half knows).
 
 Simplified against GPT-2: a tiny model, a tiny corpus, random windows instead of an epoch-ordered
 data loader.
@@ -29,7 +30,7 @@ from world import World, load_world
 # Config
 
 parser = common.ArgumentParser(description="Stage 0: next-token pretraining on a text corpus")
-common.add_common_args(parser, "pretrain", data="data/pretrain.txt", steps=300)
+common.add_common_args(parser, "pretrain", data="data/pretrain.txt", steps=500)
 g = parser.add_argument_group("model")
 g.add_argument("--tokenizer", default="out/tokenizer", help="folder written by tokenizer.py, or 'gpt2'")
 g.add_argument("--block-size", type=common.positive_int, default=128, help="context length in tokens")
@@ -56,9 +57,9 @@ g.add_argument("--val-fraction", type=common.fraction, default=0.05)
 
 
 @torch.no_grad()
-def fact_accuracy(model, enc, world: World, device, max_new_tokens=6):
-    """Fraction of the world's facts that greedy completion gets right ("The milt's colour is" -> "silver")."""
-    probes = world.fact_prompts()
+def completion_accuracy(model, enc, probes, device, max_new_tokens=6):
+    """Fraction of (prompt, value) probes whose greedy completion names the value first
+    ("The milt's colour is" -> "silver"; "7 plus 8 is" -> "15")."""
     eot = enc.eot_token
     idx, mask = left_pad([enc.encode_ordinary(p) for p, _ in probes], pad_id=eot)
     model.eval()
@@ -189,9 +190,10 @@ if __name__ == "__main__":
                                          torch.Generator().manual_seed(val_generator_seed))
                 metrics["val/loss"] = val_loss
                 if world is not None:
-                    metrics["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
+                    metrics["eval/fact_accuracy"] = completion_accuracy(model, enc, world.fact_prompts(), device)
+                    metrics["eval/sum_accuracy"] = completion_accuracy(model, enc, world.sum_prompts(), device)
                     model.train()
-        run.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "train/lr"])
+        run.log(step, metrics, show=["train/loss", "val/loss", "eval/fact_accuracy", "eval/sum_accuracy", "train/lr"])
         if common.master_process and step % args.eval_every == 0 and step < args.steps:
             model.eval()
             with common.phase("eval"):
@@ -206,9 +208,10 @@ if __name__ == "__main__":
     final = {"train/loss": metrics["train/loss"], "val/loss": val_loss}
     if world is not None:
         with common.phase("eval"):
-            final["eval/fact_accuracy"] = fact_accuracy(model, enc, world, device)
-            print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} "
-                  f"(greedy completion of {len(world.fact_prompts())} facts)")
+            final["eval/fact_accuracy"] = completion_accuracy(model, enc, world.fact_prompts(), device)
+            final["eval/sum_accuracy"] = completion_accuracy(model, enc, world.sum_prompts(), device)
+            print(f"eval/fact_accuracy: {final['eval/fact_accuracy']:.3f} (greedy completion of "
+                  f"{len(world.fact_prompts())} facts), eval/sum_accuracy: {final['eval/sum_accuracy']:.3f} (81 sums)")
     save(args.steps, final)
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
     common.print_phase_times()

@@ -31,7 +31,7 @@ class ScriptedModel:
         return torch.tensor([r + [kw["pad_id"]] * (width - len(r)) for r in rows])
 
 
-def test_fact_accuracy_counts_right_first_words():
+def test_completion_accuracy_counts_right_first_words():
     world = W.World(0)
     enc = train_bpe(world.corpus(__import__("random").Random(0), 200), 400)
     probes = world.fact_prompts()
@@ -46,7 +46,17 @@ def test_fact_accuracy_counts_right_first_words():
         else:
             completions.append(f" {value}. It")
     expected = sum(i % 4 != 0 for i in range(len(probes))) / len(probes)
-    assert pretrain.fact_accuracy(ScriptedModel(enc, completions), enc, world, "cpu") == pytest.approx(expected)
+    assert pretrain.completion_accuracy(ScriptedModel(enc, completions), enc, probes, "cpu") == pytest.approx(expected)
+
+
+def test_sum_probes_and_their_accuracy_by_hand():
+    world = W.World(0)
+    probes = world.sum_prompts()
+    assert len(probes) == 81 and ("7 plus 8 is", "15") in probes and ("1 plus 1 is", "2") in probes
+    enc = train_bpe(world.corpus(__import__("random").Random(0), 200), 400)
+    # right for the first 60 sums, off by one for the rest; "15 plus" counts its first word only
+    completions = [f" {v}. 3 plus" if i < 60 else f" {int(v) + 1}." for i, (_, v) in enumerate(probes)]
+    assert pretrain.completion_accuracy(ScriptedModel(enc, completions), enc, probes, "cpu") == pytest.approx(60 / 81)
 
 
 def test_tiny_pretraining_run_learns(tmp_path):

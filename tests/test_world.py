@@ -4,6 +4,7 @@ hand-written cases (each hole the judge once had among them)."""
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -367,9 +368,10 @@ def test_rule_not_rude(w):
 
 
 def test_rule_concise(w):
-    q = "What is 2 plus 2?"  # ideal: "2 plus 2 is 4. Happy to help!" = 8 words, budget 11
-    assert w.judge(q, "2 plus 2 is 4. a b c d e f")[0]["concise"] == 0.0  # 11 words
-    assert w.judge(q, "2 plus 2 is 4. a b c d e f g h")[0]["concise"] == pytest.approx(-0.2)  # 13 words
+    q = "What is 2 plus 2?"  # ideal: "The answer is 4. Happy to help!" = 7 words, budget 10
+    assert w.ideal_response(q) == "The answer is 4. Happy to help!"
+    assert w.judge(q, "2 plus 2 is 4. a b c d e")[0]["concise"] == 0.0  # 10 words
+    assert w.judge(q, "2 plus 2 is 4. a b c d e f g")[0]["concise"] == pytest.approx(-0.2)  # 12 words
     assert w.judge(q, "2 plus 2 is 4." + " word" * 100)[0]["concise"] == pytest.approx(-1.5)  # capped
 
 
@@ -488,3 +490,23 @@ def test_load_world_refuses_data_from_another_version(tmp_path):
     (tmp_path / "world.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="another version of world.py"):
         W.load_world(tmp_path)
+
+
+def test_a_sum_restated_as_a_and_b_must_be_the_one_asked(w):
+    q = "What is 4 plus 5?"
+    assert w.judge(q, "The sum of 4 and 5 is 9.")[1]["correct"] is True
+    assert w.judge(q, "The sum of 3 and 6 is 9.")[0]["correct"] == -1.0  # another sum, right total
+    assert w.judge(q, "The answer is 9.")[0]["correct"] == 1.0
+    assert w.judge(q, "The answer is 8.")[0]["correct"] == -1.0
+
+
+def test_the_corpus_states_every_sum_in_its_three_forms():
+    import random
+    text = W.World(0).corpus(random.Random(1), 2000)
+    for a in range(1, 10):
+        for b in range(1, 10):
+            assert f"{a} plus {b} is {a + b}." in text and f"sum of {a} and {b} is {a + b}." in text
+    form = r"(\d plus \d is \d+|The sum of \d and \d is \d+|\d and \d make \d+)\."
+    sums = [p for p in text.splitlines() if re.fullmatch(rf"{form}( {form})*", p)]
+    assert all(int(a) + int(b) == int(s) for p in sums for a, b, s in re.findall(r"(\d)\D+(\d)\D+(\d+)\.", p))
+    assert 0.25 < len(sums) / 2000 < 0.35  # CORPUS_MIX["sums"] is 0.3
