@@ -51,7 +51,7 @@ there are exactly the truth ("4 plus 3 is 7.", "The answer is 7." and "7." are r
 What this file simplifies against DeepSeekMath / R1: one process (no DDP); a tiny model, short
 answers (--max-new-tokens) and binary rewards on the tiny world's checkable families; no format
 reward or reasoning tags; the reference is SFT for the whole run (DeepSeekMath's iterative GRPO
-resets it); a constant learning rate; plain temperature sampling (what the log-probs assume). Kept:
+resets it); a cosine learning-rate decay (--lr-schedule); plain temperature sampling (what the log-probs assume). Kept:
 G answers per prompt, the group-normalised outcome reward, the clipped surrogate, the k3 KL term in
 the loss, no critic.
 
@@ -113,6 +113,9 @@ g.add_argument("--epochs", type=common.positive_int, default=1, help="passes ove
 g.add_argument("--minibatch-size", type=common.positive_int, default=None,
                help="answers per gradient step (default: the whole batch, prompts-per-step * group-size)")
 g.add_argument("--lr", type=common.positive_float, default=3e-4, help="AdamW learning rate")
+g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+               help="cosine: decays to a tenth by the last step (at a constant rate the policy swings from one "
+                    "evaluation to the next, and where it ends is a draw: docs/grpo.md)")
 g.add_argument("--clip-coef", type=common.nonnegative_float, default=0.2, help="PPO ratio clip")
 g.add_argument("--grad-clip", type=common.nonnegative_float, default=1.0)
 g = parser.add_argument_group("evaluation")
@@ -313,6 +316,9 @@ if __name__ == "__main__":
                                     zip(group_pick, texts, ended.tolist())], device=device)
         advantages = group_advantages(rewards, args.group_size, scale_std=not args.dr_grpo)
         # 5. --epochs passes of clipped updates over minibatches of answers
+        if args.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = common.lr_at(step - 1, args.steps, args.lr, 0)
         stats = []
         for epoch in range(args.epochs):
             for mb in torch.randperm(batch_size, generator=shuffle_generator).split(minibatch_size):

@@ -115,7 +115,7 @@ def test_compare_prints_each_model_with_gold_and_proxy_scores(ckpts):
 def test_proxy_scores_right_padded_batch_equals_each_alone(ckpts):
     rm, enc, _ = common.load_scalar_model(ckpts / "reward", "cpu")
     rm.eval()
-    prompt, texts = "Hello!", ["Hi.", "Hello there, how can I help you today with the milt?", "", "x" * 200]
+    prompt, texts = "Hello!", ["Hi.", "Hello there, how can I help you?", "", "x" * 200]
     got = chat.proxy_scores(rm, enc, prompt, texts, "cpu")
     assert got[3] is None  # longer than the reward model's context
     for text, score in zip(texts[:3], got):

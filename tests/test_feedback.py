@@ -151,13 +151,21 @@ def test_human_session_labels_skips_quits_and_resumes_without_asking_again(pairs
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("feedback")
-    world = tiny_stage(tmp, "sft", n_sft=5, n_prompts=40, n_eval=5, n_paragraphs=300)[0]
+    world, _, _, meta = tiny_stage(tmp, "sft", n_sft=5, n_prompts=40, n_eval=5, n_paragraphs=300)
+    # room for 48-token answers: an untrained model's short answers are all equally bad by gold, and the
+    # labels are checked against gold on the pairs whose scores differ (the longer ones differ in length)
+    from dataclasses import asdict
+
+    from model import GPT, GPTConfig
+    config = GPTConfig(**{**meta["config"], "block_size": 128})
+    torch.manual_seed(0)
+    common.save_checkpoint(tmp / "sft", GPT(config), {**meta, "config": asdict(config)})
     return tmp, world
 
 
 def sample_args(tmp, out):
     return ["feedback.py", "--init", tmp / "sft", "--data", tmp / "data" / "prompts.jsonl", "--out", tmp / out,
-            "--num-prompts", 30, "--k", 3, "--max-new-tokens", 6, "--sample-batch-size", 32, "--device", "cpu"]
+            "--num-prompts", 30, "--k", 3, "--max-new-tokens", 48, "--sample-batch-size", 32, "--device", "cpu"]
 
 
 def test_simulated_run_samples_pairs_and_labels_them_deterministically(tiny_sft, monkeypatch, capsys):
@@ -178,6 +186,7 @@ def test_simulated_run_samples_pairs_and_labels_them_deterministically(tiny_sft,
         assert {row["chosen"], row["rejected"]} == {pair["a"], pair["b"]} and row["labeler"] == "simulated"
         assert row["gold_chosen"] == world.gold_score(row["prompt"], row["chosen"])
     decided = [r for r in prefs if r["gold_chosen"] != r["gold_rejected"]]
+    assert decided, "no pair whose gold scores differ: nothing to measure the labels against"
     contradictions = sum(r["gold_chosen"] < r["gold_rejected"] for r in decided)
     assert meta["final"]["feedback/contradictions"] == contradictions
     assert meta["final"]["feedback/agreement_gold"] == pytest.approx(1 - contradictions / len(decided))

@@ -237,7 +237,8 @@ def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
     assert norm["normalised"] == "the reward as PPO sees it" and norm["missing_end_penalty"] == -0.3
     assert norm["samples"] == 2000 and norm["max_new_tokens"] == 32 and norm["gain"] > 0
     assert norm["mean"] == pytest.approx(0, abs=1e-5) and norm["std"] == pytest.approx(1, abs=1e-3)
-    assert abs(norm["raw_mean"]) > 0.2 or abs(norm["raw_std"] - 1) > 0.2  # (not normalised by chance)
+    # (not normalised by chance: the raw scores are outside the tolerances above)
+    assert abs(norm["raw_mean"]) > 0.1 or abs(norm["raw_std"] - 1) > 0.1
     import evaluate
     from sampling import sample_responses
     model, enc, _ = common.load_scalar_model(tmp / "reward", "cpu")
