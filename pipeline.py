@@ -118,12 +118,14 @@ def write_report(out, times, quick, cpu_times=None):
     if results.exists():
         lines += ["## Evaluation on the held-out prompts", "", results.read_text().strip(), ""]
     headline = [("pretrain", "eval/fact_accuracy", "facts right by greedy completion"),
+                ("pretrain", "eval/sum_accuracy", "sums right by greedy completion (\"7 plus 8 is\")"),
                 ("sft", "eval/gold_reward_pretrain", "gold reward of the pretrained model (chat template)"),
                 ("sft", "eval/gold_reward", "gold reward of SFT samples"),
                 ("sft", "eval/gold_reward_ideal", "gold reward of the ideal answers"),
                 ("feedback", "feedback/agreement_gold", "labels that agree with the gold ranking"),
                 ("reward", "val/acc_label", "reward model: held-out accuracy vs the labels"),
                 ("reward", "reward/acc_gold", "reward model: held-out accuracy vs the gold ranking"),
+                ("grpo", "eval/pass@1_arith", "GRPO: sums right on validation, one try at temperature 1"),
                 ("rlaif_labeller", "val/accuracy", "AI labeller: held-out judging examples right"),
                 ("feedback_ai", "feedback/agreement_gold", "AI labels that agree with the gold ranking"),
                 ("reward_ai", "reward/acc_gold", "reward model on AI labels: held-out accuracy vs the gold ranking")]

@@ -59,7 +59,8 @@ FAILURES = ("Failure modes, held-out prompts", "fraction",
 PANELS = {
     "pretrain": [
         ("Loss", "nats/token", [("train/loss", "train"), ("val/loss", "val")]),
-        ("Fact accuracy (greedy completion)", "fraction correct", [("eval/fact_accuracy", "facts")]),
+        ("Facts and sums (greedy completion)", "fraction correct",
+         [("eval/fact_accuracy", "facts"), ("eval/sum_accuracy", "sums")]),
         LR, GRAD_NORM,
     ],
     "sft": [

@@ -47,6 +47,8 @@ QUICK = {
 REPORT = {
     "pretrain": [("bpe300 fact_accuracy", "course/pretrain/bpe300/meta.json", "eval/fact_accuracy"),
                  ("bpe1024 fact_accuracy", "course/pretrain/bpe1024/meta.json", "eval/fact_accuracy"),
+                 ("bpe300 sum_accuracy", "course/pretrain/bpe300/meta.json", "eval/sum_accuracy"),
+                 ("bpe1024 sum_accuracy", "course/pretrain/bpe1024/meta.json", "eval/sum_accuracy"),
                  ("bpe300 val/loss", "course/pretrain/bpe300/meta.json", "val/loss"),
                  ("bpe1024 val/loss", "course/pretrain/bpe1024/meta.json", "val/loss")],
     "sft": [("pretrained gold", "course/sft/steps50/meta.json", "eval/gold_reward_pretrain"),

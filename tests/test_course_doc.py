@@ -1,9 +1,10 @@
 """docs/course.md: every lesson command names a script that exists and flags that script accepts.
 
 The commands are parsed from the page's ```bash blocks (the same parser scripts/run_course.py runs
-them with); each script's `--help` is asked once, all at once in parallel processes."""
+them with); each script's `--help` is asked once, all in one process."""
 
 import functools
+import json
 import os
 import re
 import shlex
@@ -25,13 +26,30 @@ def bash_commands(text):
             for line in block.splitlines() if line.strip()]
 
 
+HELP_ALL = """
+import contextlib, io, json, runpy, sys
+out = {}
+for script in sys.argv[1:]:
+    sys.argv, buf = [script, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit:
+            pass
+    out[script] = buf.getvalue()
+print(json.dumps(out))
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def helps(scripts):
-    """{script: its --help text}, one process per script, all started before any is waited for."""
+    """{script: its --help text}: each script run as __main__ with --help, all in one process (one
+    torch import instead of one per script)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for s in scripts}
-    return {s: p.communicate(timeout=120)[0] for s, p in procs.items()}
+    r = subprocess.run([sys.executable, "-c", HELP_ALL, *scripts], cwd=ROOT, env=env, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def problems(text):
