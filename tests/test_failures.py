@@ -66,12 +66,11 @@ def sweep(tmp_path_factory):
     return d, world, pairs, cmd, first
 
 
-def test_each_knob_at_0_gives_the_unbiased_labels_and_each_bias_moves_them_as_written(sweep):
+def test_each_knob_at_0_gives_the_unbiased_labels_and_each_bias_moves_them_as_written(sweep, stage_here):
     d, world, pairs, _, _ = sweep
     unbiased = d / "unbiased"
-    r = subprocess.run([sys.executable, str(ROOT / "feedback.py"), "--pairs", str(d / "pairs.jsonl"), "--data",
-                        str(d / "data" / "prompts.jsonl"), "--out", str(unbiased), "--b-agree", "0", "--b-refuse", "0",
-                        "--b-len", "0", "--device", "cpu"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    r = stage_here(["feedback.py", "--pairs", d / "pairs.jsonl", "--data", d / "data" / "prompts.jsonl", "--out", unbiased,
+                    "--b-agree", "0", "--b-refuse", "0", "--b-len", "0", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
     reference = common.read_jsonl(unbiased / "preferences.jsonl")
     assert [row["chosen"] for row in reference] == [hand_label(world, p, 1337) for p in pairs]
@@ -90,7 +89,7 @@ def test_each_knob_at_0_gives_the_unbiased_labels_and_each_bias_moves_them_as_wr
     assert sum(a["chosen"] != b["chosen"] for a, b in zip(agree, reference)) > 0  # the bias does move some labels
 
 
-def test_the_sweep_writes_its_files_and_a_second_call_trains_nothing(sweep):
+def test_the_sweep_writes_its_files_and_a_second_call_trains_nothing(sweep, stage_here):
     d, _, _, cmd, first = sweep
     out = d / "fail"
     results = json.loads((out / "results.json").read_text())
@@ -107,7 +106,7 @@ def test_the_sweep_writes_its_files_and_a_second_call_trains_nothing(sweep):
     assert probe["n"] > 0 and 0 <= probe["rm_prefers_biased"] <= 1
     assert probe["se"] == pytest.approx((probe["rm_prefers_biased"] * (1 - probe["rm_prefers_biased"]) / probe["n"]) ** 0.5)
     # a second call: every run and every evaluation reused, nothing trained, the same numbers
-    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    again = stage_here(cmd[1:])  # in this process: it starts no stage, so no interpreter either
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"=== {ROOT}" not in again.stdout and "--- evaluating" not in again.stdout  # no stage run, no evaluation
     assert again.stdout.count("finished earlier, reused") == 11 and again.stdout.count("labelled earlier, reused") == 4
@@ -126,10 +125,10 @@ def test_length_share_is_the_regression_slope_times_the_change_in_words_over_the
     assert length_share({"words": [1, 2], "proxy": [0, 1]}, {"words": [1, 2], "proxy": [0, 1]})["share"] is None
 
 
-def test_bad_flags_stop_with_one_clear_line(tmp_path):
-    base = [sys.executable, str(ROOT / "failures.py"), "--out", str(tmp_path / "out")]
+def test_bad_flags_stop_with_one_clear_line(tmp_path, stage_here):
+    base = ["failures.py", "--out", tmp_path / "out"]
     for extra, message in ((["--policies", "ppo,sft"], "--policies"), (["--majority", "4"], "--majority must be odd"),
                            (["--base", "1,2"], "--base must be three numbers"), (["--agree", "0,x"], "--agree")):
-        r = subprocess.run(base + extra, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        r = stage_here(base + extra)  # in this process: four interpreters less to start
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "out").exists()

@@ -199,14 +199,18 @@ def stages(tmp_path_factory):
     return d
 
 
+def grpo_argv(d, out, *extra):
+    return ["grpo.py", "--init", str(d / "sft"), "--data", str(d / "data" / "prompts.jsonl"),
+            "--eval-data", str(d / "data" / "val_prompts.jsonl"), "--out", str(out), "--prompts-per-step", "2",
+            "--group-size", "3", "--max-new-tokens", "5", "--eval-prompts", "3", "--eval-group-size", "2",
+            "--eval-every", "2", "--sample-every", "2", "--epochs", "2", "--minibatch-size", "3", "--kl-coef", "0.5",
+            "--device", "cpu", *map(str, extra)]
+
+
 def run_grpo(d, out, *extra, env=None):
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--init", str(d / "sft"), "--data", str(d / "data" / "prompts.jsonl"),
-           "--eval-data", str(d / "data" / "val_prompts.jsonl"), "--out", str(out), "--prompts-per-step", "2",
-           "--group-size", "3", "--max-new-tokens", "5", "--eval-prompts", "3", "--eval-group-size", "2",
-           "--eval-every", "2", "--sample-every", "2", "--epochs", "2", "--minibatch-size", "3", "--kl-coef", "0.5",
-           "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "grpo.py"), *grpo_argv(d, out, *extra)[1:]],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_a_run_logs_every_step_and_torch_and_triton_kernels_log_the_same(stages):
@@ -235,7 +239,9 @@ def test_a_run_logs_every_step_and_torch_and_triton_kernels_log_the_same(stages)
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=tol), k
 
 
-def test_bad_input_stops_with_one_clear_line(stages, tmp_path):
+def test_bad_input_stops_with_one_clear_line(stages, tmp_path, stage_here):
+    # in this process (three interpreters less to start): run_grpo's command without its interpreter
+    run_grpo = lambda d, out, *extra: stage_here(grpo_argv(d, out, *extra))  # noqa: E731
     r = run_grpo(stages, tmp_path / "a", "--families", "arith,greet")
     assert r.returncode == 2 and "--families" in r.stderr and not (tmp_path / "a").exists()
     r = run_grpo(stages, tmp_path / "b", "--group-size", "1")

@@ -148,11 +148,11 @@ def test_sweep_writes_curves_figures_and_samples(stages, prefs):
     assert again.returncode == 0 and again.stdout.count("finished earlier, reused") == 3, again.stderr[-2000:]
 
 
-def test_bad_flags_stop_with_one_clear_line(stages):
-    cmd = [sys.executable, str(ROOT / "hacking.py"), "--init", str(stages / "sft"), "--reward", str(stages / "reward"),
-           "--eval-data", str(stages / "data" / "val_prompts.jsonl"), "--out", str(stages / "bad")]
+def test_bad_flags_stop_with_one_clear_line(stages, stage_here):
+    cmd = ["hacking.py", "--init", stages / "sft", "--reward", stages / "reward",
+           "--eval-data", stages / "data" / "val_prompts.jsonl", "--out", stages / "bad"]
     for extra, message in ((["--kl-coefs", "0,abc"], "--kl-coefs"), (["--reward", str(stages / "sft")], "--reward"),
                            (["--eval-prompts", "2"], "--eval-prompts must be at least 4")):
-        result = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        result = stage_here(cmd + extra)  # in this process: no interpreter to start
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (stages / "bad").exists()
