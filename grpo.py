@@ -201,6 +201,14 @@ def grpo_loss(logits, responses, logprobs, ref_logprobs, advantages, mask, loss_
     return loss, stats
 
 
+def verified_groups(policy, enc, world, prompts, group_size, device, max_new_tokens, temperature, generator):
+    """group_size answers to each prompt (a group's consecutive) and the verifier's reward of each:
+    (the prompts, each repeated group_size times; the answers; the rewards (n * G,))."""
+    group = [p for p in prompts for _ in range(group_size)]
+    answers = sample_responses(policy, enc, group, device, max_new_tokens, temperature, generator=generator)
+    return group, answers, torch.tensor([verify(world, p, a["text"], a["ended"]) for p, a in zip(group, answers)])
+
+
 def pass_at(correct, group_size):
     """correct (n * G,) of 0/1, answers of a prompt consecutive -> (pass@1, pass@G): the mean, and the
     share of prompts with at least one right answer among their G."""
@@ -270,10 +278,9 @@ if __name__ == "__main__":
         """pass@1 and pass@G (G = --eval-group-size) on the validation prompts, per family; the KL to
         SFT and the length of right and wrong answers, all from the same seed at every call."""
         G = args.eval_group_size
-        prompts = [r["prompt"] for r in eval_rows for _ in range(G)]
-        answers = sample_responses(policy, enc, prompts, device, args.max_new_tokens, args.temperature,
-                                   generator=torch.Generator(device).manual_seed(args.seed))
-        right = torch.tensor([verify(world, p, a["text"], a["ended"]) for p, a in zip(prompts, answers)])
+        prompts, answers, right = verified_groups(policy, enc, world, [r["prompt"] for r in eval_rows], G, device,
+                                                  args.max_new_tokens, args.temperature,
+                                                  torch.Generator(device).manual_seed(args.seed))
         out_ = dict(zip(("eval/pass@1", "eval/pass@G"), pass_at(right, G)))
         for family in args.families:
             keep = torch.tensor([world.prompt_info(p)["family"] == family for p in prompts])

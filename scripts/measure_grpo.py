@@ -10,7 +10,6 @@ of prompts with at least one right answer among their G.
     python scripts/measure_grpo.py out/sft --data data/val_prompts.jsonl --group-size 16
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,16 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-from grpo import pass_at, verify  # noqa: E402
-from sampling import sample_responses  # noqa: E402
+from grpo import pass_at, verified_groups  # noqa: E402
 from world import load_world  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = common.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("models", nargs="+", help="checkpoint folders (sft, ppo, grpo, ...)")
 parser.add_argument("--data", default="data/test_prompts.jsonl", help="prompts, with world.json beside them")
 parser.add_argument("--families", default="arith,list", help="verifiable families to measure")
-parser.add_argument("--group-size", type=int, default=8, help="answers per prompt (G)")
-parser.add_argument("--max-new-tokens", type=int, default=48)
+parser.add_argument("--group-size", type=common.positive_int, default=8, help="answers per prompt (G)")
+parser.add_argument("--max-new-tokens", type=common.positive_int, default=48)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -47,10 +45,8 @@ for folder in args.models:
         if not prompts:
             line += f" {'(no prompts)':>20s} {'':>8s}"
             continue
-        group = [p for p in prompts for _ in range(args.group_size)]
-        answers = sample_responses(model, enc, group, "cpu", args.max_new_tokens, 1.0,
-                                   generator=torch.Generator().manual_seed(args.seed))
-        right = torch.tensor([verify(world, p, a["text"], a["ended"]) for p, a in zip(group, answers)])
+        _, _, right = verified_groups(model, enc, world, prompts, args.group_size, "cpu", args.max_new_tokens, 1.0,
+                                      torch.Generator().manual_seed(args.seed))
         p1, pg = pass_at(right, args.group_size)
         se = right.view(-1, args.group_size).mean(dim=1).std().item() / len(prompts) ** 0.5
         line += f" {f'{100 * p1:.1f} ± {100 * se:.1f} % (n {len(prompts)})':>20s} {100 * pg:7.0f}%"

@@ -1,7 +1,7 @@
 """docs/course.md: every lesson command names a script that exists and flags that script accepts.
 
-The commands are parsed from the page's ```bash blocks (the same parser scripts/run_course.py runs
-them with); each script's `--help` is asked once, all in one process."""
+The commands are every line of the page's ```bash blocks (scripts/run_course.py runs each lesson's
+block); each script's `--help` is asked once, all in one process."""
 
 import functools
 import json

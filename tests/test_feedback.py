@@ -9,6 +9,7 @@ import random
 import runpy
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import common  # noqa: E402
 from conftest import metrics_without_time, tiny_stage  # noqa: E402
 from feedback import agreement_with_gold, make_pairs, preference, simulated_labeler  # noqa: E402
 from feedback import parser as feedback_parser  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from world import World, write_data  # noqa: E402
 
 
@@ -154,9 +156,6 @@ def tiny_sft(tmp_path_factory):
     world, _, _, meta = tiny_stage(tmp, "sft", n_sft=5, n_prompts=40, n_eval=5, n_paragraphs=300)
     # room for 48-token answers: an untrained model's short answers are all equally bad by gold, and the
     # labels are checked against gold on the pairs whose scores differ (the longer ones differ in length)
-    from dataclasses import asdict
-
-    from model import GPT, GPTConfig
     config = GPTConfig(**{**meta["config"], "block_size": 128})
     torch.manual_seed(0)
     common.save_checkpoint(tmp / "sft", GPT(config), {**meta, "config": asdict(config)})

@@ -240,15 +240,14 @@ def test_a_run_logs_every_step_and_torch_and_triton_kernels_log_the_same(stages)
 
 
 def test_bad_input_stops_with_one_clear_line(stages, tmp_path, stage_here):
-    # in this process (three interpreters less to start): run_grpo's command without its interpreter
-    run_grpo = lambda d, out, *extra: stage_here(grpo_argv(d, out, *extra))  # noqa: E731
-    r = run_grpo(stages, tmp_path / "a", "--families", "arith,greet")
+    # in this process (three interpreters less to start)
+    r = stage_here(grpo_argv(stages, tmp_path / "a", "--families", "arith,greet"))
     assert r.returncode == 2 and "--families" in r.stderr and not (tmp_path / "a").exists()
-    r = run_grpo(stages, tmp_path / "b", "--group-size", "1")
+    r = stage_here(grpo_argv(stages, tmp_path / "b", "--group-size", "1"))
     assert r.returncode == 2 and "--group-size must be at least 2" in r.stderr
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "p.jsonl").write_text('{"prompt": "What is 2 plus 3?"}\n')
-    r = run_grpo(stages, tmp_path / "c", "--data", tmp_path / "elsewhere" / "p.jsonl")
+    r = stage_here(grpo_argv(stages, tmp_path / "c", "--data", tmp_path / "elsewhere" / "p.jsonl"))
     assert r.returncode == 2 and "world.json" in r.stderr and not (tmp_path / "c").exists()
 
 
