@@ -171,10 +171,14 @@ def gold_summary(world, prompts, responses, prefix="eval/"):
 
 
 def answer_batches(enc, prompts, responses, batch_size):
-    """(idx, attention_mask, response_mask) of prompt + answer, batch_size answers at a time."""
-    for i in range(0, len(prompts), batch_size):
-        prompt_ids = [encode_prompt(enc, p) for p in prompts[i : i + batch_size]]
-        yield collate_responses(prompt_ids, [r["ids"] for r in responses[i : i + batch_size]], enc.eot_token)
+    """(rows, idx, attention_mask, response_mask) of prompt + answer, batch_size answers at a time, shortest
+    first: answers of similar length share a batch, so little of it is padding. rows: which answers it holds."""
+    prompt_ids = [encode_prompt(enc, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(responses[i]["ids"]))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        yield (torch.tensor(rows), *collate_responses([prompt_ids[j] for j in rows], [responses[j]["ids"] for j in rows],
+                                                      enc.eot_token))
 
 
 @torch.no_grad()
@@ -185,14 +189,14 @@ def sequence_kl(policy, ref, enc, prompts, responses, device, temperature=1.0, b
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    out = []
-    for idx, mask, response_mask in answer_batches(enc, prompts, responses, batch_size):
+    out = torch.zeros(len(prompts))
+    for rows, idx, mask, response_mask in answer_batches(enc, prompts, responses, batch_size):
         idx, mask, targets = idx.to(device), mask.to(device), response_mask[:, 1:].to(device)
         logp, ref_logp = (response_logprobs(m, idx, mask, temperature=temperature)[0] for m in models)
-        out.append((logp * targets).sum(1).float().cpu() - (ref_logp * targets).sum(1).float().cpu())
+        out[rows] = (logp * targets).sum(1).float().cpu() - (ref_logp * targets).sum(1).float().cpu()
     for m, training in zip(models, was_training):
         m.train(training)
-    return torch.cat(out)
+    return out
 
 
 def penalise_unfinished(scores, ended, missing_end_penalty=MISSING_END_PENALTY):
@@ -210,8 +214,9 @@ def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200,
     answer's last token, or missing_end_penalty for an answer that never ended (responses: sample
     dicts; one without "ended" counts as ended)."""
     reward_model.eval()
-    scores = torch.cat([reward_model.score(idx.to(device), mask.to(device)).float().cpu()
-                        for idx, mask, _ in answer_batches(enc, prompts, responses, batch_size)])
+    scores = torch.zeros(len(prompts))
+    for rows, idx, mask, _ in answer_batches(enc, prompts, responses, batch_size):
+        scores[rows] = reward_model.score(idx.to(device), mask.to(device)).float().cpu()
     ended = torch.tensor([r.get("ended", True) for r in responses], dtype=torch.bool)
     return penalise_unfinished(scores, ended, missing_end_penalty)
 

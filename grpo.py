@@ -71,7 +71,7 @@ import common
 from evaluate import sequence_kl
 from model import left_pad
 from ppo import policy_loss, prompt_batches, truncate_at_end
-from sampling import encode_prompts, response_logprobs, sample_responses
+from sampling import encode_prompts, response_logprobs, sample_responses, token_logprobs
 from tokenizer import decode_response, special_id
 from world import ATTRIBUTES, LIST_WORDS, RESTATED_SUM, load_world
 
@@ -230,6 +230,7 @@ if __name__ == "__main__":
     loss_agg = args.loss_agg or ("constant" if args.dr_grpo else "answer")
     batch_size = args.prompts_per_step * args.group_size
     minibatch_size = args.minibatch_size or batch_size
+    one_update = args.epochs == 1 and minibatch_size == batch_size  # per batch of answers (the default)
     if minibatch_size > batch_size:
         common.die(f"--minibatch-size {minibatch_size} is larger than a step's {batch_size} answers")
     out = Path(args.out)
@@ -313,9 +314,12 @@ if __name__ == "__main__":
             responses, mask, ended = truncate_at_end(responses, end_id, pad_id)
             query_responses = torch.cat([queries, responses], dim=1)
             attention_mask = torch.cat([query_mask, mask], dim=1)
-            # 2. the log-probs of the answers under the policy that sampled them and under SFT
-            logprobs, _, _ = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
+            # 2. the log-probs of the answers under SFT, and under the policy that sampled them. With one
+            # update per batch (the default) that policy is the one about to be trained: its log-probs come
+            # from the update's own forward pass (below), not from a second one here.
             ref_logprobs, _, _ = response_logprobs(ref_policy, query_responses, attention_mask, P, args.temperature)
+            if not one_update:
+                logprobs, _, _ = response_logprobs(policy, query_responses, attention_mask, P, args.temperature)
         # 3. the verifier's reward, and 4. the group advantages
         with run.phase("scoring"):
             texts = [decode_response(enc, r) for r in responses.tolist()]
@@ -332,6 +336,9 @@ if __name__ == "__main__":
                 mb = mb.to(device)
                 with amp():
                     logits = policy(query_responses[mb], attention_mask[mb])[:, P - 1 : -1]  # (b, R, V)
+                    if one_update:  # pi_old = pi: the ratio is exactly 1 and only its gradient counts
+                        logprobs = torch.empty_like(ref_logprobs)
+                        logprobs[mb] = token_logprobs(logits.detach(), responses[mb], args.temperature)[0]
                     loss, pg_stats = grpo_loss(logits, responses[mb], logprobs[mb], ref_logprobs[mb],
                                                advantages[mb], mask[mb], loss_agg, args.max_new_tokens,
                                                args.clip_coef, args.kl_coef, args.temperature)

@@ -94,9 +94,10 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) after the cached ones; return all of them (B, nh, pos+T, hs)."""
         B, nh, T, hs = k.shape
-        if self.k is None:  # allocate on first use, in the dtype attention runs in (e.g. bf16 autocast)
-            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
-            self.v = torch.zeros_like(self.k)
+        if self.k is None:  # allocate on first use, in the dtype attention runs in (e.g. bf16 autocast);
+            # left unfilled: a position is always written before it is read
+            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)
+            self.v = torch.empty_like(self.k)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
@@ -362,7 +363,13 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     # written out so that the noise can be drawn for the whole batch
     if rows is None:
         rows, n_rows = slice(None), probs.size(0)
-    q = probs.new_empty(n_rows, probs.size(1)).exponential_(1, generator=generator)[rows]
+    if probs.device.type == "cpu":
+        # The same numbers as torch's exponential_ on the CPU, bit for bit (-log(1 - u), u uniform in double
+        # precision; tests/test_model.py checks it), but twice as fast, and the log only for the rows still running
+        u = torch.rand(n_rows, probs.size(1), dtype=torch.float64, generator=generator, device=probs.device)[rows]
+        q = u.neg_().log1p_().neg_().float()
+    else:
+        q = probs.new_empty(n_rows, probs.size(1)).exponential_(1, generator=generator)[rows]
     return (probs / q).argmax(dim=-1)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPT, GPTConfig, ScalarModel, attention_bias, last_token_index, left_pad  # noqa: E402
+from model import GPT, GPTConfig, ScalarModel, attention_bias, last_token_index, left_pad, sample_next_token  # noqa: E402
 
 PAD = 0
 
@@ -326,3 +326,21 @@ def test_init_and_num_params():
     assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(2 * L)) < 0.001
     assert torch.isfinite(F.cross_entropy(model(torch.zeros(2, 5, dtype=torch.long)).view(-1, V),
                                           torch.zeros(10, dtype=torch.long)))
+
+
+def test_sampling_noise_is_torch_multinomials_bit_for_bit():
+    """sample_next_token draws its Exp(1) noise itself on the CPU (-log(1 - u), u uniform in double precision,
+    faster than exponential_): the tokens must be torch.multinomial's, and the generator must end where
+    torch.multinomial leaves it (the next batch's tokens depend on it), also for a subset of the rows."""
+    logits = torch.randn(64, 841, generator=torch.Generator().manual_seed(0)) * 3
+    for seed in range(3):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            got = sample_next_token(logits, 0.7, generator=ours)
+            want = torch.multinomial(F.softmax(logits / 0.7, dim=-1), 1, generator=theirs).squeeze(-1)
+            assert got.tolist() == want.tolist()
+        assert torch.equal(ours.get_state(), theirs.get_state())
+        rows = torch.tensor([3, 10, 40])  # rows still running in a batch of 64: the noise of all 64 is drawn
+        got = sample_next_token(logits[rows], 0.7, generator=ours, rows=rows, n_rows=64)
+        want = torch.multinomial(F.softmax(logits / 0.7, dim=-1), 1, generator=theirs).squeeze(-1)[rows]
+        assert got.tolist() == want.tolist() and torch.equal(ours.get_state(), theirs.get_state())
