@@ -137,16 +137,19 @@ def pairs_used(n, batch_size, seed, steps):
 
 @torch.no_grad()
 def all_sequence_logprobs(model, data, pad_id, device, dtype, batch_size=64):
-    """(chosen, rejected) log-probs of every pair, (N,) each: the reference's, computed once."""
+    """(chosen, rejected) log-probs of every pair, (N,) each (the reference's once; the policy's on the held-out
+    pairs). Pairs of similar length share a batch, shortest first: little of it is padding."""
     model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(data), batch_size):
-        idx, mask, resp = (t.to(device) for t in collate_pairs(data[i : i + batch_size], pad_id))
+    chosen, rejected = torch.zeros(len(data)), torch.zeros(len(data))
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["prompt"]) + max(len(data[i]["chosen"]),
+                                                                                 len(data[i]["rejected"])))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        idx, mask, resp = (t.to(device) for t in collate_pairs([data[j] for j in rows], pad_id))
         with common.autocast(device, dtype):
             logps = sequence_logprobs(model, idx, mask, resp)
-        chosen.append(logps[: len(resp) // 2].float().cpu())
-        rejected.append(logps[len(resp) // 2 :].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+        chosen[rows], rejected[rows] = logps[: len(rows)].float().cpu(), logps[len(rows) :].float().cpu()
+    return chosen, rejected
 
 
 # -----------------------------------------------------------------------------
