@@ -170,11 +170,12 @@ def gold_summary(world, prompts, responses, prefix="eval/"):
     return out
 
 
-def answer_batches(enc, prompts, responses, batch_size):
+def answer_batches(enc, prompts, responses, batch_size, by_length=True):
     """(rows, idx, attention_mask, response_mask) of prompt + answer, batch_size answers at a time, shortest
-    first: answers of similar length share a batch, so little of it is padding. rows: which answers it holds."""
+    first: answers of similar length share a batch, so little of it is padding (by_length=False: in the
+    order given). rows: which answers the batch holds. Either way the same numbers, up to float rounding."""
     prompt_ids = [encode_prompt(enc, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(responses[i]["ids"]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(responses[i]["ids"]) if by_length else 0)
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         yield (torch.tensor(rows), *collate_responses([prompt_ids[j] for j in rows], [responses[j]["ids"] for j in rows],
@@ -209,13 +210,13 @@ def penalise_unfinished(scores, ended, missing_end_penalty=MISSING_END_PENALTY):
 
 @torch.no_grad()
 def proxy_scores(reward_model, enc, prompts, responses, device, batch_size=200,
-                 missing_end_penalty=MISSING_END_PENALTY):
+                 missing_end_penalty=MISSING_END_PENALTY, by_length=True):
     """(N,) the proxy score of each answer, as PPO scores it: the learned reward model read at the
     answer's last token, or missing_end_penalty for an answer that never ended (responses: sample
-    dicts; one without "ended" counts as ended)."""
+    dicts; one without "ended" counts as ended). by_length: answer_batches'."""
     reward_model.eval()
     scores = torch.zeros(len(prompts))
-    for rows, idx, mask, _ in answer_batches(enc, prompts, responses, batch_size):
+    for rows, idx, mask, _ in answer_batches(enc, prompts, responses, batch_size, by_length):
         scores[rows] = reward_model.score(idx.to(device), mask.to(device)).float().cpu()
     ended = torch.tensor([r.get("ended", True) for r in responses], dtype=torch.bool)
     return penalise_unfinished(scores, ended, missing_end_penalty)

@@ -440,8 +440,10 @@ if __name__ == "__main__":
         metrics = {"train/loss": loss.item(), "train/accuracy": ((margin > 0).float() == target).float().mean().item(),
                    "train/lr": lr, "samples": step * args.batch_size}
         if step % args.eval_every == 0 or step == args.steps:
-            metrics["val/accuracy"], metrics["val/p_a"] = accuracy(model, val, pad_id, ab, device)
+            with run.phase("eval"):
+                metrics["val/accuracy"], metrics["val/p_a"] = accuracy(model, val, pad_id, ab, device)
         run.log(step, metrics, show=["train/loss", "train/accuracy", "val/accuracy", "val/p_a"])
     final = {k: v for k, v in metrics.items() if k not in ("train/lr", "samples")}
     save(args.steps, final)
     print(f"saved {out}/model.pt, meta.json: judging accuracy on held-out examples {final['val/accuracy']:.3f}")
+    common.print_phase_times()
