@@ -440,3 +440,38 @@ def test_a_reward_model_from_the_wrong_stage_stops_with_one_clear_line(stages):
     assert result.returncode == 2
     assert "--reward" in result.stderr and "expected reward" in result.stderr
     assert not (stages / "bad" / "meta.json").exists()
+
+
+def test_null_reward_scores_every_answer_zero_and_keeps_the_trunk(tmp_path, stage_here):
+    """scripts/null_reward.py: the control whose reward ignores the answer. Its model must score 0 on any
+    sequence (the source scores something else), keep every trunk weight, load as a reward model, and
+    refuse to write into a folder that is not empty."""
+    from dataclasses import asdict
+
+    from model import GPTConfig, ScalarModel
+    from tokenizer import save_tokenizer, train_bpe
+
+    enc = train_bpe("The milt is red. The snaiz eats moss. " * 40, 270)
+    save_tokenizer(enc, tmp_path / "tok")
+    config = GPTConfig(block_size=16, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=8)
+    torch.manual_seed(0)
+    source = ScalarModel(config)
+    torch.nn.init.constant_(source.head.bias, 0.7)
+    (tmp_path / "rm").mkdir()
+    torch.save(source.state_dict(), tmp_path / "rm" / "model.pt")
+    common.atomic_write_json(tmp_path / "rm" / "meta.json", {"stage": "reward", "config": asdict(config),
+                                                              "tokenizer": str(tmp_path / "tok"), "final": {}})
+    r = stage_here(["scripts/null_reward.py", tmp_path / "rm", tmp_path / "null"])
+    assert r.returncode == 0, r.stderr
+    null, _, meta = common.load_scalar_model(tmp_path / "null", "cpu")
+    assert meta["stage"] == "reward" and meta["null_of"] == str(tmp_path / "rm")
+    idx = torch.randint(0, enc.n_vocab, (5, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(idx)
+    mask[:2, :4] = 0  # left padding
+    with torch.no_grad():
+        assert source.score(idx, mask).abs().min() > 0  # the source does score the answers
+        assert torch.equal(null.score(idx, mask), torch.zeros(5))
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, null.state_dict()[k]) for k, v in kept.items())
+    again = stage_here(["scripts/null_reward.py", tmp_path / "rm", tmp_path / "null"])
+    assert again.returncode == 2 and "not empty" in again.stderr
