@@ -175,8 +175,9 @@ def answer_batches(enc, prompts, responses, batch_size, by_length=True):
     first: answers of similar length share a batch, so little of it is padding (by_length=False: in the
     order given). rows: which answers the batch holds. Either way the same numbers, up to float rounding."""
     prompt_ids = [encode_prompt(enc, p) for p in prompts]
-    length = lambda i: len(prompt_ids[i]) + len(responses[i]["ids"]) if by_length else 0  # noqa: E731
-    order = sorted(range(len(prompts)), key=length)  # stable: by_length=False keeps the order given
+    order = list(range(len(prompts)))
+    if by_length:
+        order.sort(key=lambda i: len(prompt_ids[i]) + len(responses[i]["ids"]))  # stable: ties keep their order
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         batch = collate_responses([prompt_ids[j] for j in rows], [responses[j]["ids"] for j in rows], enc.eot_token)
