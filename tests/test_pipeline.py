@@ -97,3 +97,31 @@ def test_report_keeps_each_stage_time_and_the_total(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| pretrain | 1m18s | 2m30s |" in text and "| sft | 33s | 1m00s |" in text
     assert "| **total** | **1m51s** | **3m30s** |" in text
+
+
+STAGE_ENDINGS = {  # a stage's last words, and the exit status a new interpreter gives them (the reference)
+    "done": "import common; print('fresh common:', not hasattr(common, 'parent_was_here'))",
+    "bad_input": "import common; common.die('bad.jsonl line 3: expected a prompt')",
+    "exit_3": "import sys; sys.exit(3)",
+    "crash": "raise ValueError('a bug')",
+    "ctrl_c": "import os, signal; os.kill(os.getpid(), signal.SIGINT); import time; time.sleep(5)",
+}
+
+
+@pytest.mark.parametrize("ending", STAGE_ENDINGS)
+def test_a_forked_stage_ends_as_it_would_on_its_own(tmp_path, ending):
+    """run_stage forks on Linux: the stage must exit with the status a new interpreter gives it, print what it
+    would, and find this repository's modules fresh (common is imported again, not the parent's)."""
+    script = tmp_path / f"{ending}.py"
+    script.write_text(STAGE_ENDINGS[ending] + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the script lies outside the repository: common on the path
+    reference = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    driver = ("import sys, pipeline, common; common.parent_was_here = True; "
+              f"code = pipeline.run_stage([sys.executable, {str(script)!r}]); print('parent got', code)")
+    forked = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, timeout=60)
+    assert forked.returncode == 0, forked.stderr
+    assert forked.stdout.splitlines()[-1] == f"parent got {reference.returncode}"
+    assert forked.stdout.count("parent got") == 1  # the child never comes back into the parent's code
+    assert reference.stdout in forked.stdout and reference.stderr.splitlines()[-1:] == forked.stderr.splitlines()[-1:]
+    if ending == "done":
+        assert "fresh common: True" in forked.stdout
