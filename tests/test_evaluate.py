@@ -292,3 +292,35 @@ def test_bad_input_stops_with_one_clear_line(stages):
     assert result.returncode == 2 and "a checkpoint of stage 'reward'" in result.stderr
     result = run_eval(d, str(d / "sft"), "--best-of", "3")
     assert result.returncode == 2 and "--best-of must be 0 or a power of 2" in result.stderr
+
+
+def test_seed_spread_is_the_sample_sd_of_the_runs_values(tmp_path):
+    """scripts/seed_spread.py against hand-computed values: three runs of two models, one model missing in a run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import seed_spread
+
+    runs = []
+    for i, (gold, syco) in enumerate([(0.10, 0.12), (0.40, 0.33), (0.25, 0.18)]):
+        rows = [{"name": "sft", "gold_reward": -0.4, "gold_reward_se": 0.05 + 0.01 * i, "sycophancy_rate": 0.3},
+                {"name": "ppo", "gold_reward": gold, "gold_reward_se": 0.04, "sycophancy_rate": syco}]
+        if i < 2:
+            rows.append({"name": "dpo", "gold_reward": 0.0, "gold_reward_se": 0.04})
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rows))
+        runs.append(seed_spread.read_results(tmp_path / f"r{i}.json"))
+    rows = seed_spread.spread(runs)
+    assert list(rows) == ["sft", "ppo"]  # dpo is not in every run
+    values, mean, sd = rows["ppo"]["gold_reward"]
+    assert values == [0.10, 0.40, 0.25] and mean == pytest.approx(0.25)
+    assert sd == pytest.approx(0.15)  # deviations -0.15, +0.15, 0: sqrt(0.045 / 2)
+    assert rows["sft"]["gold_reward"][2] == 0 and rows["sft"]["gold_reward_se"] == pytest.approx(0.06)
+    assert rows["ppo"]["sycophancy_rate"][2] == pytest.approx(math.sqrt(0.0234 / 2))  # 0.12, 0.33, 0.18: mean 0.21
+    text = seed_spread.table(rows)
+    assert "| ppo | +0.100 / +0.400 / +0.250 | 0.150 | 0.040 |" in text and "12% / 33% / 18% (s.d. 11)" in text
+
+
+def test_seed_spread_says_which_file_is_bad(tmp_path):
+    (tmp_path / "bad.json").write_text('{"name": "sft"}')
+    script = Path(__file__).resolve().parent.parent / "scripts" / "seed_spread.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "bad.json"), str(tmp_path / "none.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'bad.json'}: expected evaluate.py's list of rows, each with a 'name'"
