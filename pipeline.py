@@ -119,7 +119,8 @@ def run_stage(cmd):
     repository's modules (common keeps per-process state, such as when the process started), runs
     the script as __main__ with its own argv, and exits as the script would on its own: an exception
     (SystemExit, a Ctrl-C, a crash) rises to the top of this file and ends the child there. Elsewhere
-    (macOS's system libraries do not survive a fork without exec) the stage gets a new interpreter."""
+    the stage gets a new interpreter: Windows has no fork, and on macOS a fork without exec can crash
+    in the system's libraries (Python's multiprocessing avoids it there too)."""
     if sys.platform != "linux":
         return subprocess.run(cmd).returncode
     sys.stdout.flush()
