@@ -10,9 +10,8 @@ their ±. Give this the results.json of runs that differ only in --seed:
 
 It prints one row per model: each run's value of the headline metrics (" / " between runs) and their
 standard deviation across the runs (in points for the rates), and for the gold reward that beside the
-mean s.e. within one run. A ratio
-well above 1 says the seed, not the test prompts, sets the error bar, and a difference between two
-models is established only when it holds in every run.
+mean s.e. within one run. A ratio well above 1 says the seed, not the test prompts, sets the error
+bar, and a difference between two models is established only when it holds in every run.
 """
 
 import json
@@ -22,15 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import evaluate  # noqa: E402
 
-METRICS = [  # (results.json key, column, as a percentage)
-    ("gold_reward", "gold", False),
-    ("win_rate_vs_sft", "win vs SFT", True),
-    ("correct_arith", "arith ok", True),
-    ("refusal_rate_unsafe", "refuses unsafe", True),
-    ("over_refusal_rate_lookalike", "over-refuses look-alikes", True),
-    ("sycophancy_rate", "sycophancy", True),
-]
+RATES = ["win_rate_vs_sft", "correct_arith", "refusal_rate_unsafe", "over_refusal_rate_lookalike", "sycophancy_rate"]
+TITLES = {key: title for key, title, _ in evaluate.COLUMNS}  # the rates' column titles, as in results.md
 
 parser = common.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("results", nargs="+", help="evaluate.py's results.json of each run (two or more)")
@@ -57,7 +51,7 @@ def spread(runs):
         if not all(name in run for run in runs):
             continue
         row = {}
-        for key, _, _ in METRICS:
+        for key in ["gold_reward", *RATES]:
             values = [run[name].get(key) for run in runs]
             if all(isinstance(v, (int, float)) for v in values):
                 row[key] = (values, statistics.fmean(values), statistics.stdev(values))
@@ -69,27 +63,23 @@ def spread(runs):
 
 
 def table(rows):
-    """The markdown table of spread()'s rows."""
-    head = ["model", "gold per run", "s.d. across runs", "s.e. in a run"] + [col for key, col, _ in METRICS[1:]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """The markdown table of spread()'s rows (evaluate.markdown_table; a missing figure is a dash)."""
+    cells = []
     for name, row in rows.items():
-        cells = [name]
+        cell = {"name": name}
         if "gold_reward" in row:
             values, _, sd = row["gold_reward"]
-            se = row.get("gold_reward_se")
-            cells += [" / ".join(f"{v:+.3f}" for v in values), f"{sd:.3f}", f"{se:.3f}" if se is not None else "—"]
-        else:
-            cells += ["—", "—", "—"]
-        for key, _, percent in METRICS[1:]:
+            cell.update(gold=" / ".join(f"{v:+.3f}" for v in values), sd=f"{sd:.3f}")
+        if "gold_reward_se" in row:
+            cell["se"] = f"{row['gold_reward_se']:.3f}"
+        for key in RATES:
             if key in row:
                 values, _, sd = row[key]
-                scale = 100 if percent else 1
-                text = " / ".join(f"{scale * v:.0f}%" if percent else f"{v:.2f}" for v in values)
-                cells.append(text + (f" (s.d. {scale * sd:.0f})" if percent else f" (s.d. {sd:.2f})"))
-            else:
-                cells.append("—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                cell[key] = " / ".join(f"{100 * v:.0f}%" for v in values) + f" (s.d. {100 * sd:.0f})"
+        cells.append(cell)
+    columns = [("name", "model", "{}"), ("gold", "gold per run", "{}"), ("sd", "s.d. across runs", "{}"),
+               ("se", "s.e. in a run", "{}")] + [(key, TITLES[key], "{}") for key in RATES]
+    return evaluate.markdown_table(cells, columns).rstrip("\n")
 
 
 if __name__ == "__main__":
