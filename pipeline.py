@@ -6,6 +6,7 @@
     python pipeline.py --from ppo      # re-run from one stage on, keeping the earlier ones
     python pipeline.py --from ppo --resume   # after a Ctrl-C or a crash: continue where it stopped
     python pipeline.py --no-rlaif      # without the RLAIF chain (AI labeller, AI labels, reward, PPO, DPO)
+    python pipeline.py --lanes 1       # one stage at a time (default on a CPU: two side by side)
 
 The RLAIF chain (after DPO) trains the AI labeller (rlaif.py) from the pretrained model, has it label
 every 5th pair of the human chain's (the same SFT samples, no new sampling) against constitution.md,
@@ -13,20 +14,26 @@ one principle drawn per comparison, and trains reward_ai, ppo_rlaif and dpo_rlai
 the human chain does (shorter: on this world its reward model is near chance, and validation
 stops its PPO at 15 steps and its DPO at 25); the evaluation gets their rows. docs/rlaif.md gives its cost.
 
-Each stage is its own script (read them in this order); this file only calls them one after
-another, each in a fresh process, exactly as you would by hand (on Linux the process is forked from
-this one, which has already imported torch: run_stage). A stage that fails stops the job.
+Each stage is its own script (read them in this order); this file only calls them, each in a fresh
+process, exactly as you would by hand (on Linux the process is forked from this one, which has
+already imported torch: start_stage). On a CPU it runs two stages at a time where neither needs the
+other's output (after pretraining: the RLAIF chain and GRPO beside the human chain), each on half
+the threads, their lines marked with their names; `--lanes 1` runs them one after another, as by hand
+(another thread count: other, equally good, numbers). A stage that fails stops the job.
 """
 
 import json
 import os
 import runpy
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import common
 
@@ -42,6 +49,9 @@ parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "tor
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--no-rlaif", dest="rlaif", action="store_false", help="skip the RLAIF chain (rlaif.py's AI labeller)")
 parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (RLAIF chain)")
+parser.add_argument("--lanes", type=common.positive_int, default=None,
+                    help="stages run side by side, each on its share of the threads (default: 2 on a CPU with 2 "
+                         "threads or more, on Linux; 1: one after another, as by hand)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
@@ -111,24 +121,56 @@ RESUMABLE = {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "grpo",  # t
 KERNELS = {"ppo", "dpo", "grpo", "evaluate", "ppo_rlaif", "dpo_rlaif"}  # the stages with --kernels (where a kernel runs)
 
 
-def run_stage(cmd):
-    """Run one stage's command line ([python, script, arguments...]) and return its exit status.
+def stage_needs(plan):
+    """{stage: the earlier stages whose output it reads}, read off the arguments: a stage needs another
+    when one of its paths (or a comma-separated part of one) is that stage's --out folder, lies inside
+    it, or holds it (plot reads the whole of out/)."""
+    outs, needs = {}, {}
+    for name, _, args, *_ in plan:
+        paths = [Path(part) for i, a in enumerate(args) if isinstance(a, (str, Path)) and not str(a).startswith("--")
+                 and (i == 0 or args[i - 1] != "--out") for part in str(a).split(",")]
+        needs[name] = [other for other, out in outs.items()
+                       if any(p == out or out in p.parents or p in out.parents for p in paths)]
+        if "--out" in args:
+            outs[name] = Path(args[args.index("--out") + 1])
+    return needs
 
-    On Linux the stage runs in a child forked from this process: it finds torch already imported,
-    which saves the 1.4 s that `import torch` takes, about 20 s a run. The child forgets this
-    repository's modules (common keeps per-process state, such as when the process started), runs
-    the script as __main__ with its own argv, and exits as the script would on its own: an exception
-    (SystemExit, a Ctrl-C, a crash) rises to the top of this file and ends the child there. Elsewhere
-    the stage gets a new interpreter: Windows has no fork, and on macOS a fork without exec can crash
-    in the system's libraries (Python's multiprocessing avoids it there too)."""
-    if sys.platform != "linux":
-        return subprocess.run(cmd).returncode
+
+def side_by_side(needs):
+    """The stages that could run beside another: neither needs the other, directly or through others."""
+    before = {}
+    for name, direct in needs.items():  # plan order: what a stage needs comes before it
+        before[name] = set(direct).union(*(before[n] for n in direct))
+    return {a for a in needs for b in needs if a != b and a not in before[b] and b not in before[a]}
+
+
+def start_stage(cmd, threads=None, capture=False):
+    """Start one stage's command line ([python, script, arguments...]) in a child forked from this
+    process (Linux); return its pid and, with capture, the file its output (stdout and stderr) is read from.
+
+    The child finds torch already imported, which saves the 1.4 s that `import torch` takes, about
+    20 s a run. It forgets this repository's modules (common keeps per-process state, such as when
+    the process started), runs the script as __main__ with its own argv, and exits as the script
+    would on its own: an exception (SystemExit, a Ctrl-C, a crash) rises to the top of this file and
+    ends the child there. threads: the stage's torch threads (RLHF_THREADS, read by common.setup_threads)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe() if capture else (None, None)
     pid = os.fork()
     if pid:
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if capture:
+            os.close(write_end)
+        return pid, read_end
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent ignores Ctrl-C; the stage must not
+    if capture:
+        os.close(read_end)
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, not in blocks
+    if threads:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        os.environ["RLHF_THREADS"] = str(threads)
     here = os.path.dirname(os.path.abspath(__file__))
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
@@ -139,9 +181,71 @@ def run_stage(cmd):
     sys.exit(0)
 
 
-def write_report(out, times, quick, cpu_times=None):
+def run_stage(cmd):
+    """Run one stage's command line and return its exit status: forked on Linux (start_stage); elsewhere
+    a new interpreter: Windows has no fork, and on macOS a fork without exec can crash in the system's
+    libraries (Python's multiprocessing avoids it there too)."""
+    if sys.platform != "linux":
+        return subprocess.run(cmd).returncode
+    pid, _ = start_stage(cmd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def run_side_by_side(jobs, lanes):
+    """Run jobs [(name, cmd, needs, threads)] (plan order) on Linux, up to `lanes` at once: a stage starts when
+    the stages it needs have ended, the first ready one in the plan's order first. Every line a stage
+    prints is shown with its name in front. After a stage fails (or a Ctrl-C, which every running stage
+    gets), no new one starts; the running ones end as they would. Returns {name: (exit status, wall s, CPU s)}."""
+    ended, running, partial = {}, {}, {}  # running: pid -> (name, start time, output fd)
+    waiting = list(jobs)
+
+    def show(name, fd, chunk):
+        """Print the whole lines a stage has written (and, once it has ended, the rest), its name in front."""
+        pending = partial.pop(fd, b"") + chunk
+        if chunk:
+            pending, newline, partial[fd] = pending.rpartition(b"\n")
+            if not newline:
+                return
+        elif not pending:
+            return
+        for line in pending.split(b"\n"):
+            print(f"{name:>11} | {line.decode(errors='replace')}", flush=True)
+
+    while waiting or running:
+        stopping = any(code != 0 for code, *_ in ended.values())
+        for job in list(waiting):
+            name, cmd, needs, threads = job
+            if stopping or len(running) == lanes:
+                break
+            if all(n in ended for n in needs):
+                print(f"\n=== {name} ({threads} thread{'s' * (threads != 1)}): "
+                      f"{' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+                pid, fd = start_stage(cmd, threads, capture=True)
+                running[pid] = (name, time.time(), fd)
+                waiting.remove(job)
+        if not running:
+            break
+        ready, _, _ = select.select([fd for _, _, fd in running.values()], [], [])
+        for pid, (name, started, fd) in list(running.items()):
+            if fd not in ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            show(name, fd, chunk)
+            if not chunk:  # the stage closed its output: it has ended
+                os.close(fd)
+                _, status, usage = os.wait4(pid, 0)
+                del running[pid]
+                code, seconds = os.waitstatus_to_exitcode(status), time.time() - started
+                ended[name] = (code, seconds, usage.ru_utime + usage.ru_stime)
+                print(f"=== {name}: {'done' if code == 0 else f'exit {code}'} in {common.format_seconds(seconds)}"
+                      + (f"; waiting for {', '.join(n for n, _, _ in running.values())}" if running else ""), flush=True)
+    return ended
+
+
+def write_report(out, times, quick, cpu_times=None, wall=None):
     """out/report.md: the results table, the headline figures of each stage, the curves, the timings (wall
-    time per stage, and its CPU time, which a shared machine's other jobs move less)."""
+    time per stage, and its CPU time, which a shared machine's other jobs move less). wall: the whole
+    run's time, less than the stages' sum when some ran side by side."""
     o = Path(out)
     lines = ["# RLHF on the tiny world: results", ""]
     if quick:
@@ -179,6 +283,8 @@ def write_report(out, times, quick, cpu_times=None):
     lines += [f"| {name} | {common.format_seconds(t)} | "
               f"{common.format_seconds(cpu_times[name]) if name in cpu_times else '—'} |" for name, t in times.items()]
     lines += [f"| **total** | **{common.format_seconds(sum(times.values()))}** | **{cpu_total}** |", ""]
+    if wall is not None and wall < 0.95 * sum(times.values()):
+        lines += [f"Some stages ran side by side: the whole run took {common.format_seconds(wall)}.", ""]
     common.atomic_write_text(o / "report.md", "\n".join(lines))
     return results.read_text() if results.exists() else ""
 
@@ -198,16 +304,28 @@ if __name__ == "__main__":
 
     # Threads: chosen once, here, for every stage (common.setup_threads): measured before the first stage,
     # the CPU time in use is other jobs', not the stages' own.
-    if not os.environ.get("OMP_NUM_THREADS") and args.device in ("auto", "cpu"):
-        os.environ["RLHF_THREADS"] = str(common.setup_threads())
-    times, cpu_times = {}, {}
-    t_start = time.time()
+    on_cpu = args.device == "cpu" or (args.device == "auto" and torch.version.cuda is None and torch.version.hip is None)
+    threads = None
+    if args.device in ("auto", "cpu"):
+        threads = common.setup_threads()
+        if not os.environ.get("OMP_NUM_THREADS"):
+            os.environ["RLHF_THREADS"] = str(threads)
+    # Lanes: two stages side by side, each on half the threads. On a small CPU model two threads are only
+    # 1.4-1.6x one (docs/profile.md), so two one-thread stages get through more work than one two-thread
+    # stage. Which stages share the cores is fixed by the plan, not by timing: the same numbers every run.
+    lanes = args.lanes or (2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 else 1)
+    if lanes > 1 and sys.platform != "linux":
+        common.die(f"--lanes {lanes}: stages side by side need Linux (they are forked); use --lanes 1")
+    needs = stage_needs(plan)
+    beside = side_by_side(needs) if lanes > 1 else set()
+    jobs = []
     for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
         if i < first or (only and name not in only):
             continue
-        if name == "evaluate":  # the GRPO and RLAIF rows when they exist (a run of older stages has none)
+        if name == "evaluate":  # the GRPO and RLAIF rows when they run now or exist (a run of older stages has none)
             optional = [Path(args.out) / s for s in ("grpo", "ppo_rlaif", "dpo_rlaif")]
-            stage_args = [a for a in stage_args if a not in optional or (a / "model.pt").exists()]
+            coming = [Path(args.out) / job[0] for job in jobs]
+            stage_args = [a for a in stage_args if a not in optional or a in coming or (a / "model.pt").exists()]
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device]
@@ -219,28 +337,46 @@ if __name__ == "__main__":
             cmd += list(map(str, gpu_args))
         if args.resume and name in RESUMABLE:
             cmd += ["--resume"]
-        print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-        t0 = time.time()
-        # A Ctrl-C reaches the stage too, which saves a checkpoint and exits: wait for it, do not kill it.
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-        cpu0 = os.times()
-        returncode = run_stage(cmd)
-        cpu1 = os.times()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        times[name] = time.time() - t0
-        cpu_times[name] = (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)
-        again = f"python pipeline.py --from {name}{' --quick' if args.quick else ''}"
-        if returncode in (130, -signal.SIGINT):
-            print(f"\npipeline: interrupted in stage '{name}'; continue with `{again} --resume`", file=sys.stderr)
-            sys.exit(130)
-        if returncode != 0:
-            print(f"\npipeline: stage '{name}' failed (exit {returncode}); fix it and continue with "
-                  f"`{again}`", file=sys.stderr)
-            sys.exit(returncode)
+        stage_threads = max(1, threads // lanes) if threads and name in beside else threads
+        jobs.append((name, cmd, needs[name], stage_threads))
+    selected = {name for name, *_ in jobs}  # the stages left out have run before: their outputs are there
+    jobs = [(name, cmd, [n for n in stage_needs if n in selected], t) for name, cmd, stage_needs, t in jobs]
 
-    table = write_report(args.out, times, args.quick, cpu_times)
+    # A Ctrl-C reaches the stages too, which save a checkpoint and exit: wait for them, do not kill them.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    t_start = time.time()
+    if lanes > 1:
+        ended = run_side_by_side(jobs, lanes)
+    else:
+        ended = {}
+        for name, cmd, _, _ in jobs:
+            print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+            t0, cpu0 = time.time(), os.times()
+            returncode = run_stage(cmd)
+            cpu1 = os.times()
+            ended[name] = (returncode, time.time() - t0,
+                           (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system))
+            if returncode != 0:
+                break
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    wall = time.time() - t_start
+    times = {name: ended[name][1] for name, *_ in jobs if name in ended}  # in the plan's order
+    cpu_times = {name: ended[name][2] for name in times}
+    unfinished = [name for name, *_ in jobs if ended.get(name, (None,))[0] != 0]
+    if unfinished:
+        again = f"python pipeline.py --from {unfinished[0]}{' --quick' if args.quick else ''}"
+        failed = [(name, code) for name, (code, _, _) in ended.items() if code not in (0, 130, -signal.SIGINT)]
+        if failed:
+            name, code = failed[0]
+            print(f"\npipeline: stage '{name}' failed (exit {code}); fix it and continue with `{again}`", file=sys.stderr)
+            sys.exit(code)
+        interrupted = " and ".join(f"'{name}'" for name, (code, _, _) in ended.items() if code != 0)
+        print(f"\npipeline: interrupted in stage {interrupted}; continue with `{again} --resume`", file=sys.stderr)
+        sys.exit(130)
+
+    table = write_report(args.out, times, args.quick, cpu_times, wall)
     print("\n" + table)
-    print("=== done in " + common.format_seconds(time.time() - t_start)
+    print("=== done in " + common.format_seconds(wall)
           + f" (CPU time {common.format_seconds(sum(cpu_times.values()))})")
     for name, seconds in times.items():
         print(f"  {name:10s} {common.format_seconds(seconds):>7s}  (CPU {common.format_seconds(cpu_times[name])})")

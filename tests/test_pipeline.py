@@ -3,6 +3,7 @@ the resumed job runs to the end, training on the train files, evaluating on vali
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,13 @@ def run_pipeline(out, *extra, env=None):
 
 @pytest.fixture(scope="module")
 def interrupted_then_finished(tmp_path_factory):
-    """A --quick run stopped by a Ctrl-C in pretraining, then resumed to the end (the plots aside)."""
+    """A --quick run stopped by a Ctrl-C in pretraining, then resumed to the end (the plots aside), two stages
+    side by side where they can be."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
     # the stage's own Ctrl-C path (a test hook sends SIGINT at the end of step 12 of pretraining's 30)
     first = run_pipeline(out, "--only", "world,tokenizer,pretrain", env={"RLHF_TEST_FAULT": "SIGINT@step=12"})
-    second = run_pipeline(out, "--from", "pretrain", "--resume", "--only", "pretrain,sft,feedback,reward,ppo,grpo,dpo,"
-                          "rlaif,feedback_ai,reward_ai,ppo_rlaif,dpo_rlaif,evaluate")
+    second = run_pipeline(out, "--from", "pretrain", "--resume", "--lanes", "2", "--only", "pretrain,sft,feedback,reward,"
+                          "ppo,grpo,dpo,rlaif,feedback_ai,reward_ai,ppo_rlaif,dpo_rlaif,evaluate")
     return out, first, second
 
 
@@ -70,6 +72,19 @@ def test_training_reads_train_files_evaluates_on_validation_and_the_table_on_tes
     ai = json.loads((out / "feedback_ai" / "meta.json").read_text())  # the RLAIF chain: AI labels of the same pairs
     assert ai["labeler"] == "ai" and ai["args"]["pairs"] == str(out / "feedback" / "pairs.jsonl")
     assert json.loads((out / "reward_ai" / "meta.json").read_text())["args"]["data"] == str(out / "feedback_ai" / "preferences.jsonl")
+
+
+def test_stages_side_by_side_write_what_they_write_one_after_another(interrupted_then_finished, tmp_path):
+    """The fixture ran its stages two at a time (one thread each): the same stages run again one after another,
+    on one thread, write byte-identical models."""
+    out, _, second = interrupted_then_finished
+    assert second.returncode == 0 and "=== grpo (1 thread)" in second.stdout
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    again = run_pipeline(copy, "--only", "grpo,dpo_rlaif", "--lanes", "1", "--data", str(out / "data"))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    for stage in ("grpo", "dpo_rlaif"):
+        assert (copy / stage / "model.pt").read_bytes() == (out / stage / "model.pt").read_bytes(), stage
 
 
 def test_the_rlaif_chain_is_in_the_default_and_no_rlaif_skips_it():
@@ -125,3 +140,53 @@ def test_a_forked_stage_ends_as_it_would_on_its_own(tmp_path, ending):
     assert reference.stdout in forked.stdout and reference.stderr.splitlines()[-1:] == forked.stderr.splitlines()[-1:]
     if ending == "done":
         assert "fresh common: True" in forked.stdout
+
+
+def test_each_stage_needs_the_stages_whose_output_its_arguments_name():
+    import pipeline
+
+    names = [s[0] for s in pipeline.stages("o", "d")]
+    expected = {  # by hand, from what each script reads
+        "world": set(), "tokenizer": {"world"}, "pretrain": {"world", "tokenizer"}, "sft": {"world", "pretrain"},
+        "feedback": {"world", "sft"}, "reward": {"world", "sft", "feedback"}, "ppo": {"world", "sft", "reward"},
+        "grpo": {"world", "sft"}, "dpo": {"world", "sft", "feedback"}, "rlaif": {"world", "pretrain"},
+        "feedback_ai": {"world", "feedback", "rlaif"}, "reward_ai": {"world", "sft", "feedback_ai"},
+        "ppo_rlaif": {"world", "sft", "reward_ai"}, "dpo_rlaif": {"world", "sft", "feedback_ai"},
+        "evaluate": {"world", "sft", "reward", "ppo", "grpo", "dpo", "ppo_rlaif", "dpo_rlaif"},
+        "plot": set(names) - {"plot"}}  # with --out runs/a the data lies in runs/a too
+    needs = pipeline.stage_needs(pipeline.stages("runs/a", "runs/a/data"))
+    assert list(needs) == names and {k: set(v) for k, v in needs.items()} == expected
+    # what may share the cores: after pretraining, before the evaluation; sft only beside the AI labeller
+    assert pipeline.side_by_side(needs) == set(names[3:-2])
+    no_rlaif = pipeline.stage_needs(pipeline.stages("o", "d", rlaif=False))
+    assert pipeline.side_by_side(no_rlaif) == {"feedback", "reward", "ppo", "grpo", "dpo"}
+
+
+def test_stages_side_by_side_wait_for_what_they_need_and_stop_after_a_failure(tmp_path):
+    """run_side_by_side with stand-in stages (a forked child takes about 0.4 s to exit): at most two at once, each after the stages it needs, its
+    lines shown with its name, its threads set; after a failure no new stage starts, the running one ends."""
+    def stage(name, seconds, code=0):
+        script = tmp_path / f"{name}.py"
+        script.write_text(f"import os, sys, time\n"
+                          f"open({str(tmp_path / name)!r} + '.start', 'w').write(repr(time.time()))\n"
+                          f"print('threads', os.environ.get('RLHF_THREADS'), 'omp', os.environ.get('OMP_NUM_THREADS'))\n"
+                          f"time.sleep({seconds})\nprint('bye'); sys.stdout.flush()\n"
+                          f"open({str(tmp_path / name)!r} + '.end', 'w').write(repr(time.time()))\nsys.exit({code})\n")
+        return [sys.executable, str(script)]
+    jobs = [("a", stage("a", 2.0), [], 1), ("b", stage("b", 0.1), ["a"], 1), ("c", stage("c", 0.2), [], 1),
+            ("d", stage("d", 0.1, code=3), ["c"], 2), ("e", stage("e", 0.1), ["c"], 1)]
+    driver = f"import json, sys, pipeline; print('ENDED', json.dumps(pipeline.run_side_by_side({jobs!r}, 2)))"
+    result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env={**os.environ, "OMP_NUM_THREADS": "4"})
+    assert result.returncode == 0, result.stderr
+    ended = json.loads(result.stdout.split("ENDED ")[1])
+    assert {name: code for name, (code, _, _) in ended.items()} == {"a": 0, "c": 0, "d": 3}  # b, e: never started
+    times = {name: (float((tmp_path / f"{name}.start").read_text()), float((tmp_path / f"{name}.end").read_text()))
+             for name in ("a", "c", "d")}
+    assert times["c"][0] < times["a"][1] and times["d"][0] < times["a"][1]  # c, then d, beside a
+    assert times["d"][0] >= times["c"][1]  # d after the stage it needs
+    assert not (tmp_path / "b.start").exists()  # b was ready only after d had failed
+    lines = result.stdout.splitlines()
+    assert "          a | threads 1 omp None" in lines and "          d | threads 2 omp None" in lines
+    assert lines.count("          a | bye") == 1
+    assert any(line.startswith("=== d: exit 3 in ") and line.endswith("; waiting for a") for line in lines)
