@@ -87,6 +87,22 @@ def test_stages_side_by_side_write_what_they_write_one_after_another(interrupted
         assert (copy / stage / "model.pt").read_bytes() == (out / stage / "model.pt").read_bytes(), stage
 
 
+def test_a_ctrl_c_stops_both_stages_side_by_side_and_resume_finishes_them(interrupted_then_finished, tmp_path):
+    out, _, _ = interrupted_then_finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    flags = ["--only", "sft,rlaif", "--lanes", "2", "--data", str(out / "data")]
+    stopped = run_pipeline(copy, *flags, env={"RLHF_TEST_FAULT": "SIGINT@step=3"})  # each stage at its step 3
+    assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "interrupted in stage 'sft' and 'rlaif'; continue with `python pipeline.py --from sft --quick --resume`" \
+        in stopped.stderr
+    finished = run_pipeline(copy, *flags, "--resume")
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    for stage in ("sft", "rlaif_labeller"):
+        steps = [r["step"] for r in common.read_metrics(copy / stage / "metrics.jsonl")]
+        assert 3 in steps and steps == sorted(set(steps)) and steps[-1] == 5, (stage, steps)  # every step once
+
+
 def test_the_rlaif_chain_is_in_the_default_and_no_rlaif_skips_it():
     import pipeline
 
@@ -112,6 +128,9 @@ def test_report_keeps_each_stage_time_and_the_total(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| pretrain | 1m18s | 2m30s |" in text and "| sft | 33s | 1m00s |" in text
     assert "| **total** | **1m51s** | **3m30s** |" in text
+    pipeline.write_report(tmp_path, {"pretrain": 78.2, "sft": 33.0, "rlaif": 30.0}, False, None, wall=112.0)
+    text = (tmp_path / "report.md").read_text()  # rlaif ran beside sft: the total is the run's, not the sum
+    assert "| **total** | **1m52s** | **—** |" in text and "their times add up to 2m21s" in text
 
 
 STAGE_ENDINGS = {  # a stage's last words, and the exit status a new interpreter gives them (the reference)
