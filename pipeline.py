@@ -19,7 +19,8 @@ process, exactly as you would by hand (on Linux the process is forked from this 
 already imported torch: start_stage). On a CPU it runs two stages at a time where neither needs the
 other's output (after pretraining: the RLAIF chain and GRPO beside the human chain), each on half
 the threads, their lines marked with their names; `--lanes 1` runs them one after another, as by hand
-(another thread count: other, equally good, numbers). A stage that fails stops the job.
+(another thread count: other, equally good, numbers). A stage re-run with --from or --only gets the
+threads it had in the whole run, so it writes what the whole run would. A stage that fails stops the job.
 """
 
 import json
@@ -51,7 +52,7 @@ parser.add_argument("--no-rlaif", dest="rlaif", action="store_false", help="skip
 parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (RLAIF chain)")
 parser.add_argument("--lanes", type=common.positive_int, default=None,
                     help="stages run side by side, each on its share of the threads (default: 2 on a CPU with 2 "
-                         "threads or more, on Linux; 1: one after another, as by hand)")
+                         "threads or more, on Linux, with the RLAIF chain; 1: one after another, as by hand)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
@@ -313,10 +314,13 @@ if __name__ == "__main__":
         threads = common.setup_threads()
         if not os.environ.get("OMP_NUM_THREADS"):
             os.environ["RLHF_THREADS"] = str(threads)
-    # Lanes: two stages side by side, each on half the threads. On a small CPU model two threads are only
-    # 1.4-1.6x one (docs/profile.md), so two one-thread stages get through more work than one two-thread
-    # stage. Which stages share the cores is fixed by the plan, not by timing: the same numbers every run.
-    lanes = args.lanes or (2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 else 1)
+    # Lanes: two stages side by side, each on half the threads. On this small model two threads do only
+    # 1.6-1.8x the work of one (docs/profile.md), so two one-thread stages get through more than one
+    # two-thread stage, when there is enough work to pair: the RLAIF chain and GRPO beside the human chain.
+    # Without the chain the human chain would wait on one thread (slower). Which stages share the cores
+    # is fixed by the plan, not by timing: the same numbers every run, and for a stage re-run alone.
+    default_lanes = 2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 and args.rlaif else 1
+    lanes = args.lanes or default_lanes
     if lanes > 1 and sys.platform != "linux":
         common.die(f"--lanes {lanes}: stages side by side need Linux (they are forked); use --lanes 1")
     needs = stage_needs(plan)
