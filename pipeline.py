@@ -314,9 +314,9 @@ if __name__ == "__main__":
         threads = common.setup_threads()
         if not os.environ.get("OMP_NUM_THREADS"):
             os.environ["RLHF_THREADS"] = str(threads)
-    # Lanes: two stages side by side, each on half the threads. On this small model two threads do only
-    # 1.6-1.8x the work of one (docs/profile.md), so two one-thread stages get through more than one
-    # two-thread stage, when there is enough work to pair: the RLAIF chain and GRPO beside the human chain.
+    # Lanes: two stages side by side, each on half the threads. On this small model a stage on one thread
+    # beside another takes only 1.6-1.8x its time on two threads alone (docs/profile.md), so the pair gets
+    # through more work, when there is enough to pair: the RLAIF chain and GRPO beside the human chain.
     # Without the chain the human chain would wait on one thread (slower). Which stages share the cores
     # is fixed by the plan, not by timing: the same numbers every run, and for a stage re-run alone.
     default_lanes = 2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 and args.rlaif else 1
