@@ -52,7 +52,7 @@ parser.add_argument("--no-rlaif", dest="rlaif", action="store_false", help="skip
 parser.add_argument("--constitution", default="constitution.md", help="the AI labeller's principles (RLAIF chain)")
 parser.add_argument("--lanes", type=common.positive_int, default=None,
                     help="stages run side by side, each on its share of the threads (default: 2 on a CPU with 2 "
-                         "threads or more, on Linux, with the RLAIF chain; 1: one after another, as by hand)")
+                         "threads or more, on Linux; 1: one after another, as by hand)")
 parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: a GPT-2-small-size model (12 layers, 768 wide) on the tiny world, for one GPU")
 
@@ -219,8 +219,8 @@ def run_side_by_side(jobs, lanes):
             if stopping or len(running) == lanes:
                 break
             if all(n in ended for n in needs):
-                print(f"\n=== {name} ({threads} thread{'s' * (threads != 1)}): "
-                      f"{' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+                on = f" ({threads} thread{'s' * (threads != 1)})" if threads else ""  # None: a GPU run
+                print(f"\n=== {name}{on}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
                 pid, fd = start_stage(cmd, threads, capture=True)
                 running[pid] = (name, time.time(), fd)
                 waiting.remove(job)
@@ -316,11 +316,9 @@ if __name__ == "__main__":
             os.environ["RLHF_THREADS"] = str(threads)
     # Lanes: two stages side by side, each on half the threads. On this small model a stage on one thread
     # beside another takes only 1.6-1.8x its time on two threads alone (docs/profile.md), so the pair gets
-    # through more work, when there is enough to pair: the RLAIF chain and GRPO beside the human chain.
-    # Without the chain the human chain would wait on one thread (slower). Which stages share the cores
-    # is fixed by the plan, not by timing: the same numbers every run, and for a stage re-run alone.
-    default_lanes = 2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 and args.rlaif else 1
-    lanes = args.lanes or default_lanes
+    # through more work. Which stages share the cores is fixed by the plan, not by timing: the same
+    # numbers every run, and for a stage re-run alone.
+    lanes = args.lanes or (2 if sys.platform == "linux" and on_cpu and threads and threads >= 2 else 1)
     if lanes > 1 and sys.platform != "linux":
         common.die(f"--lanes {lanes}: stages side by side need Linux (they are forked); use --lanes 1")
     needs = stage_needs(plan)
