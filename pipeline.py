@@ -283,10 +283,10 @@ def write_report(out, times, quick, cpu_times=None, wall=None):
     lines += ["## Wall time per stage", "", "| stage | time | CPU time |", "|---|---|---|"]
     lines += [f"| {name} | {common.format_seconds(t)} | "
               f"{common.format_seconds(cpu_times[name]) if name in cpu_times else '—'} |" for name, t in times.items()]
-    side_by_side = wall is not None and wall < 0.95 * sum(times.values())
-    total = wall if side_by_side else sum(times.values())
+    overlapped = wall is not None and wall < 0.95 * sum(times.values())
+    total = wall if overlapped else sum(times.values())
     lines += [f"| **total** | **{common.format_seconds(total)}** | **{cpu_total}** |", ""]
-    if side_by_side:
+    if overlapped:
         lines += [f"Some stages ran side by side (`--lanes`): their times add up to "
                   f"{common.format_seconds(sum(times.values()))}.", ""]
     common.atomic_write_text(o / "report.md", "\n".join(lines))
@@ -323,14 +323,15 @@ if __name__ == "__main__":
         common.die(f"--lanes {lanes}: stages side by side need Linux (they are forked); use --lanes 1")
     needs = stage_needs(plan)
     beside = side_by_side(needs) if lanes > 1 else set()
+    # the stages of this run; those left out have run before: their outputs are there
+    selected = [name for i, name in enumerate(names) if i >= first and (not only or name in only)]
     jobs = []
-    for i, (name, script, stage_args, common_flags, quick_args, gpu_args) in enumerate(plan):
-        if i < first or (only and name not in only):
+    for name, script, stage_args, common_flags, quick_args, gpu_args in plan:
+        if name not in selected:
             continue
         if name == "evaluate":  # the GRPO and RLAIF rows when they run now or exist (a run of older stages has none)
             optional = [Path(args.out) / s for s in ("grpo", "ppo_rlaif", "dpo_rlaif")]
-            coming = [Path(args.out) / job[0] for job in jobs]
-            stage_args = [a for a in stage_args if a not in optional or a in coming or (a / "model.pt").exists()]
+            stage_args = [a for a in stage_args if a not in optional or a.name in selected or (a / "model.pt").exists()]
         cmd = [sys.executable, script, *map(str, stage_args)]
         if common_flags:
             cmd += ["--seed", str(args.seed), "--device", args.device]
@@ -343,9 +344,7 @@ if __name__ == "__main__":
         if args.resume and name in RESUMABLE:
             cmd += ["--resume"]
         stage_threads = max(1, threads // lanes) if threads and name in beside else threads
-        jobs.append((name, cmd, needs[name], stage_threads))
-    selected = {name for name, *_ in jobs}  # the stages left out have run before: their outputs are there
-    jobs = [(name, cmd, [n for n in stage_needs if n in selected], t) for name, cmd, stage_needs, t in jobs]
+        jobs.append((name, cmd, [n for n in needs[name] if n in selected], stage_threads))
 
     # A Ctrl-C reaches the stages too, which save a checkpoint and exit: wait for them, do not kill them.
     signal.signal(signal.SIGINT, lambda signum, frame: None)

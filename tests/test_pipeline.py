@@ -182,8 +182,9 @@ def test_each_stage_needs_the_stages_whose_output_its_arguments_name():
 
 
 def test_stages_side_by_side_wait_for_what_they_need_and_stop_after_a_failure(tmp_path):
-    """run_side_by_side with stand-in stages (a forked child takes about 0.4 s to exit): at most two at once, each after the stages it needs, its
-    lines shown with its name, its threads set; after a failure no new stage starts, the running one ends."""
+    """run_side_by_side with stand-in stages (a forked child takes about 0.4 s to exit): at most two at once,
+    each after the stages it needs, its lines shown with its name, its threads set; after a failure no new
+    stage starts, the running one ends."""
     def stage(name, seconds, code=0):
         script = tmp_path / f"{name}.py"
         script.write_text(f"import os, sys, time\n"
