@@ -153,7 +153,12 @@ def start_stage(cmd, threads=None, capture=False):
     20 s a run. It forgets this repository's modules (common keeps per-process state, such as when
     the process started), runs the script as __main__ with its own argv, and exits as the script
     would on its own: an exception (SystemExit, a Ctrl-C, a crash) rises to the top of this file and
-    ends the child there. threads: the stage's torch threads (RLHF_THREADS, read by common.setup_threads)."""
+    ends the child there. threads: the stage's torch threads (RLHF_THREADS, read by common.setup_threads).
+
+    The caller must not have run a parallel torch op (a matmul, say) before: GNU OpenMP's pool of threads
+    does not survive a fork, and the child's first parallel op would wait for it forever (measured: it
+    hangs). pipeline.py's own process runs none; from a notebook that has trained a model, run the
+    stage's command in a new interpreter (subprocess.run) instead."""
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe() if capture else (None, None)
