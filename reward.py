@@ -252,6 +252,12 @@ def evaluate(model, pairs, batch_size, pad_id, device):
             # the labels' own accuracy against gold: about the best val/acc_label can reach (not a bound
             # on reward/acc_gold, which can pass it: the noise of many labels averages out)
             out["reward/label_acc_gold"] = ((gc > gr)[differ]).float().mean().item()
+            families = sorted({r["family"] for r in rows if r.get("family")})
+            for family in families if len(families) > 1 else []:  # where it ranks well, and where it cannot
+                mine = differ & torch.tensor([r.get("family") == family for r in rows])
+                if mine.any():
+                    out[f"reward/acc_gold_{family}"] = ((rc > rr) == (gc > gr))[mine].float().mean().item()
+                    out[f"reward/label_acc_gold_{family}"] = (gc > gr)[mine].float().mean().item()
         scores, golds = torch.cat([rc, rr]), torch.cat([gc, gr])
         out["reward/gold_corr"] = torch.corrcoef(torch.stack([scores, golds]))[0, 1].item()
     return out
@@ -420,5 +426,9 @@ if __name__ == "__main__":
         print(f"held-out accuracy: {final['reward/acc_gold']:.3f} against the gold ranking "
               f"(labellers: {final['reward/label_acc_gold']:.3f}), {final['val/acc_label']:.3f} against the labels "
               f"| reward-gold correlation {final['reward/gold_corr']:.3f}")
+        by_family = [k.removeprefix("reward/acc_gold_") for k in final if k.startswith("reward/acc_gold_")]
+        if by_family:
+            print("against gold, by family: " + " | ".join(
+                f"{f} {final['reward/acc_gold_' + f]:.3f} (labels {final['reward/label_acc_gold_' + f]:.3f})" for f in by_family))
     print(f"saved {out}/model.pt, meta.json, metrics.jsonl")
     common.print_phase_times()

@@ -251,6 +251,23 @@ def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
     assert abs(scores.mean().item()) < 0.1 and abs(scores.std().item() - 1) < 0.1, (scores.mean(), scores.std())
 
 
+
+def test_acc_gold_by_family_counts_each_familys_pairs_whose_gold_differs(monkeypatch):
+    import reward
+    # (reward chosen, reward rejected, gold chosen, gold rejected, family); by hand: family a 1 right of 2
+    # (its gold tie is left out), family b 2 of 3, all 3 of 5
+    table = [(1, 0, 2, 1, "a"), (0, 1, 2, 1, "a"), (1, 0, 1, 1, "a"), (1, 0, 0, 1, "b"), (0, 1, 0, 1, "b"), (2, 0, 3, 0, "b")]
+    pairs = [{"row": {"gold_chosen": gc, "gold_rejected": gr, "family": f}} for _, _, gc, gr, f in table]
+    scores = iter([(torch.tensor([float(c)]), torch.tensor([float(r)])) for c, r, *_ in table])
+    monkeypatch.setattr(reward, "score_pairs", lambda model, batch, pad_id, device: next(scores))
+    out = reward.evaluate(torch.nn.Identity(), pairs, 1, 0, "cpu")
+    assert out["reward/acc_gold"] == pytest.approx(3 / 5)
+    assert out["reward/acc_gold_a"] == pytest.approx(1 / 2) and out["reward/acc_gold_b"] == pytest.approx(2 / 3)
+    assert out["reward/label_acc_gold_a"] == 1 and out["reward/label_acc_gold_b"] == pytest.approx(1 / 3)  # gold says chosen
+    scores = iter([(torch.tensor([float(c)]), torch.tensor([float(r)])) for c, r, *_ in table])
+    one = reward.evaluate(torch.nn.Identity(), [{"row": {**p["row"], "family": "a"}} for p in pairs], 1, 0, "cpu")
+    assert not any(k.startswith("reward/acc_gold_") for k in one)  # one family: the overall figure says it all
+
 @pytest.mark.parametrize("share_ended, penalty, expected", [
     (0.8, -1.0, "the reward as PPO sees it"), (0.97, -2.0, "the reward as PPO sees it"),
     (0.3, -1.0, "all scores (too few answers ended for the reward as PPO sees it)"), (0.8, None, "all scores"),
