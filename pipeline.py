@@ -379,7 +379,7 @@ if __name__ == "__main__":
             name, code = failed[0]
             print(f"\npipeline: stage '{name}' failed (exit {code}); fix it and continue with `{again}`", file=sys.stderr)
             sys.exit(code)
-        interrupted = " and ".join(f"'{name}'" for name, (code, _, _) in ended.items() if code != 0)
+        interrupted = " and ".join(f"'{name}'" for name in unfinished if name in ended)  # the plan's order, not the ending's
         print(f"\npipeline: interrupted in stage {interrupted}; continue with `{again} --resume`", file=sys.stderr)
         sys.exit(130)
 
