@@ -248,16 +248,17 @@ def evaluate(model, pairs, batch_size, pad_id, device):
         gr = torch.tensor([r["gold_rejected"] for r in rows])
         differ = gc != gr
         if differ.any():  # does the model rank the pair as the gold judge does (whatever the label said)?
-            out["reward/acc_gold"] = ((rc > rr) == (gc > gr))[differ].float().mean().item()
+            model_right, label_right = (rc > rr) == (gc > gr), gc > gr  # per pair
+            out["reward/acc_gold"] = model_right[differ].float().mean().item()
             # the labels' own accuracy against gold: about the best val/acc_label can reach (not a bound
             # on reward/acc_gold, which can pass it: the noise of many labels averages out)
-            out["reward/label_acc_gold"] = ((gc > gr)[differ]).float().mean().item()
+            out["reward/label_acc_gold"] = label_right[differ].float().mean().item()
             families = sorted({r["family"] for r in rows if r.get("family")})
             for family in families if len(families) > 1 else []:  # where it ranks well, and where it cannot
                 mine = differ & torch.tensor([r.get("family") == family for r in rows])
                 if mine.any():
-                    out[f"reward/acc_gold_{family}"] = ((rc > rr) == (gc > gr))[mine].float().mean().item()
-                    out[f"reward/label_acc_gold_{family}"] = (gc > gr)[mine].float().mean().item()
+                    out[f"reward/acc_gold_{family}"] = model_right[mine].float().mean().item()
+                    out[f"reward/label_acc_gold_{family}"] = label_right[mine].float().mean().item()
         scores, golds = torch.cat([rc, rr]), torch.cat([gc, gr])
         out["reward/gold_corr"] = torch.corrcoef(torch.stack([scores, golds]))[0, 1].item()
     return out

@@ -251,7 +251,6 @@ def test_chain_ends_with_a_normalised_reward_model(chain, reward_run):
     assert abs(scores.mean().item()) < 0.1 and abs(scores.std().item() - 1) < 0.1, (scores.mean(), scores.std())
 
 
-
 def test_acc_gold_by_family_counts_each_familys_pairs_whose_gold_differs(monkeypatch):
     import reward
     # (reward chosen, reward rejected, gold chosen, gold rejected, family); by hand: family a 1 right of 2
@@ -267,6 +266,7 @@ def test_acc_gold_by_family_counts_each_familys_pairs_whose_gold_differs(monkeyp
     scores = iter([(torch.tensor([float(c)]), torch.tensor([float(r)])) for c, r, *_ in table])
     one = reward.evaluate(torch.nn.Identity(), [{"row": {**p["row"], "family": "a"}} for p in pairs], 1, 0, "cpu")
     assert not any(k.startswith("reward/acc_gold_") for k in one)  # one family: the overall figure says it all
+
 
 @pytest.mark.parametrize("share_ended, penalty, expected", [
     (0.8, -1.0, "the reward as PPO sees it"), (0.97, -2.0, "the reward as PPO sees it"),
